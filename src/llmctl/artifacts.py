@@ -1,0 +1,285 @@
+"""The artifact contract: every stage writes one directory, atomically, with a manifest.json.
+
+A directory that holds ``manifest.json`` is complete; one without it is not. A stage works in a
+sibling work directory ``.<name>.tmp-<stage>`` and publishes by renaming it into place, so a crash
+never leaves something that looks finished. The work directory survives an interruption: a rerun
+with the same parameters and inputs finds the shards it already finished there and skips them
+(resume at shard granularity); a rerun with different parameters starts over. A finished stage
+rerun with the same parameters and inputs is a no-op unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UsageError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_RUN_STATE = "run-state.json"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, set | frozenset | tuple):
+        return list(o)
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(dumps(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_fingerprint(path: Path, head_bytes: int = 1 << 20) -> str:
+    """A cheap, stable identity for a raw input file: size plus a hash of its first and last MiB."""
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(st.st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(head_bytes))
+        if st.st_size > 2 * head_bytes:
+            f.seek(-head_bytes, os.SEEK_END)
+            h.update(f.read(head_bytes))
+    return "file:" + h.hexdigest()
+
+
+def fingerprint(path: Path) -> str:
+    """Identity of an input: the hash of an artifact's manifest, or of a raw file's content."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        return "manifest:" + hashlib.blake2b(manifest.read_bytes(), digest_size=16).hexdigest()
+    if path.is_file():
+        return file_fingerprint(path)
+    raise UsageError(f"{path}: no such file or artifact directory; check the path")
+
+
+def params_fingerprint(params: dict[str, Any], inputs: Sequence[dict[str, str]]) -> str:
+    blob = json.dumps({"params": params, "inputs": list(inputs)}, sort_keys=True, default=_json_default)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a complete artifact, or a UsageError saying why there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such artifact; run the stage that produces it first")
+    if not path.is_dir():
+        raise UsageError(f"{path}: expected an artifact directory (with {MANIFEST}), got a file")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise UsageError(
+            f"{path}: not a complete llmctl artifact (no {MANIFEST}); rerun the stage that writes it"
+        )
+    try:
+        data = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{mf}: unreadable manifest ({e}); rerun the stage with --force") from e
+    fv = data.get("format_version", 0)
+    if not isinstance(fv, int) or fv > FORMAT_VERSION:
+        raise UsageError(
+            f"{path}: written by a newer llmctl (format {fv}, this one reads ≤ {FORMAT_VERSION}); "
+            "upgrade llmctl"
+        )
+    return data
+
+
+def require_artifact(path: Path, stages: Iterable[str]) -> dict[str, Any]:
+    """Read an input artifact and check it is of a kind this stage accepts."""
+    stages = tuple(stages)
+    m = read_manifest(path)
+    if m.get("stage") not in stages:
+        want = " or ".join(stages)
+        raise UsageError(f"{path}: is a '{m.get('stage')}' artifact, but this stage needs {want} output")
+    return m
+
+
+def input_record(path: Path) -> dict[str, str]:
+    return {"path": str(Path(path).resolve()), "fingerprint": fingerprint(path)}
+
+
+@dataclass
+class StageRun:
+    """One execution of a stage writing the artifact directory ``out``.
+
+    Use as::
+
+        run = StageRun.open(out, "extract", params, inputs, force=force)
+        if run.done:            # finished earlier with the same params and inputs
+            return run.manifest
+        for shard in shards:
+            if run.has(name): continue      # resumed
+            write to run.partial(name), then run.commit(name)
+        run.finish(stats)
+    """
+
+    out: Path
+    stage: str
+    params: dict[str, Any]
+    inputs: list[dict[str, str]]
+    work: Path
+    done: bool = False
+    resumed: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def open(
+        cls,
+        out: Path,
+        stage: str,
+        params: dict[str, Any],
+        inputs: Sequence[Path] = (),
+        force: bool = False,
+    ) -> StageRun:
+        out = Path(out).absolute()
+        records = [input_record(p) for p in inputs]
+        fp = params_fingerprint(params, records)
+        work = out.parent / f".{out.name}.tmp-{stage}"
+        run = cls(out=out, stage=stage, params=params, inputs=records, work=work)
+
+        if out.exists():
+            if not out.is_dir():
+                raise UsageError(f"{out}: exists and is a file; choose another --out directory")
+            mf = out / MANIFEST
+            if mf.is_file():
+                try:
+                    old = json.loads(mf.read_text(encoding="utf-8"))
+                except ValueError:
+                    old = {}
+                if old.get("stage") != stage:
+                    raise UsageError(
+                        f"{out}: holds a '{old.get('stage')}' artifact; choose another --out for {stage}"
+                    )
+                same = old.get("params_fingerprint") == fp
+                if same and not force:
+                    run.done, run.manifest = True, old
+                    return run
+                if not force:
+                    raise UsageError(
+                        f"{out}: holds a finished {stage} run with other parameters or inputs; "
+                        "pass --force to replace it or choose another --out"
+                    )
+            elif any(out.iterdir()):
+                raise UsageError(
+                    f"{out}: exists, is not empty and is not an llmctl artifact; choose another --out"
+                )
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"{out.parent}: cannot create the output's parent ({e.strerror})") from e
+        if not os.access(out.parent, os.W_OK):
+            raise UsageError(f"{out.parent}: not writable; choose an --out in a writable directory")
+
+        state_file = work / _RUN_STATE
+        if work.is_dir():
+            try:
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                state = {}
+            if state.get("params_fingerprint") == fp and not force:
+                run.resumed = True
+            else:
+                shutil.rmtree(work)
+        if not run.resumed:
+            work.mkdir(parents=True)
+            write_json_atomic(state_file, {"stage": stage, "params_fingerprint": fp, "started": run.started})
+        return run
+
+    # -- shards -------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Final location of a file inside the work directory (its place in the artifact)."""
+        return self.work / name
+
+    def has(self, name: str) -> bool:
+        """True if a shard with this name was committed, by this run or an interrupted one."""
+        return (self.work / name).exists()
+
+    def partial(self, name: str) -> Path:
+        """Where to write a shard before it is committed; stale partials are discarded."""
+        p = self.work / f"{name}.partial"
+        if p.exists():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def commit(self, name: str) -> Path:
+        """Publish a finished shard inside the work directory (atomic rename)."""
+        src, dst = self.work / f"{name}.partial", self.work / name
+        os.replace(src, dst)
+        return dst
+
+    # -- publish ------------------------------------------------------------------------------
+    def finish(self, stats: dict[str, Any], files: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
+        """Write the manifest and move the work directory into place; return the manifest."""
+        (self.work / _RUN_STATE).unlink(missing_ok=True)
+        for leftover in self.work.rglob("*.partial"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        if files is None:
+            files = sorted(
+                str(p.relative_to(self.work)) for p in self.work.rglob("*") if p.is_file() and p.name != MANIFEST
+            )
+        stats = dict(stats)
+        stats.setdefault("wall_seconds", round(time.time() - self.started, 3))
+        manifest = {
+            "stage": self.stage,
+            "llmctl_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "params": self.params,
+            "params_fingerprint": params_fingerprint(self.params, self.inputs),
+            "inputs": self.inputs,
+            "resumed": self.resumed,
+            **extra,
+            "stats": stats,
+            "files": list(files),
+        }
+        write_json_atomic(self.work / MANIFEST, manifest)
+        if self.out.exists():  # --force over a finished artifact: swap, then delete the old one
+            trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, trash)
+            os.replace(self.work, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.work, self.out)
+        self.manifest = manifest
+        return manifest
+
+    def abandon(self) -> None:
+        """Remove the work directory (used when a stage fails before any shard is worth keeping)."""
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def shard_name(prefix: str, index: int, suffix: str) -> str:
+    return f"{prefix}-{index:05d}{suffix}"

@@ -1,0 +1,91 @@
+"""The llmctl command line: one subcommand per stage, parsing and printing only.
+
+Each stage's command lives in its own module here and calls the stage's ``run`` function; errors
+raised as ``LlmctlError`` become one line on stderr and exit code 1 (runtime) or 2 (usage).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..console import console
+from ..errors import LlmctlError
+from .common import ClickException
+
+app = typer.Typer(
+    name="llmctl",
+    help="Build a language model from scratch: web pages in, an aligned chat model and its measurements out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("LLMCTL_DEBUG") == "1"
+
+
+#: the stages in pipeline order; a stage is on the CLI once its module exists in this package
+STAGES = (
+    "crawl", "extract", "filter", "dedup", "tokenize", "pretrain", "generate", "export",
+    "sft", "reward", "ppo", "dpo", "eval", "scaling_fit",
+)
+
+
+def _register() -> None:
+    """Import each stage's command module; importing it adds its command(s) to ``app``."""
+    for name in STAGES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            importlib.import_module(f"{__name__}.{name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LLMCTL_DEBUG") == "1"
+    try:
+        app(args=argv, prog_name="llmctl", standalone_mode=False)
+    except LlmctlError as e:
+        if debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        console.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: rerun the same command to resume")
+        sys.exit(130)
+    except ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            console.print_exception()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        console.print(f"[bold red]error:[/] {where}{e.strerror or e}", soft_wrap=True)
+        sys.exit(1)

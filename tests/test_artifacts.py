@@ -1,0 +1,91 @@
+import json
+
+import pytest
+
+from llmctl.artifacts import MANIFEST, StageRun, read_manifest, require_artifact
+from llmctl.cli.common import parse_shard
+from llmctl.errors import UsageError
+
+
+def _run(out, params, inputs=(), force=False):
+    return StageRun.open(out, "demo", params, inputs, force=force)
+
+
+def test_publish_is_atomic_and_complete(tmp_path):
+    out = tmp_path / "art"
+    run = _run(out, {"a": 1})
+    assert not out.exists(), "nothing at OUT until the stage finishes"
+    run.partial("part-0.txt").write_text("x")
+    run.commit("part-0.txt")
+    m = run.finish({"n": 1})
+    assert (out / MANIFEST).is_file() and (out / "part-0.txt").read_text() == "x"
+    assert m["stats"]["n"] == 1 and m["params"] == {"a": 1} and m["files"] == ["part-0.txt"]
+    assert read_manifest(out)["stage"] == "demo"
+    assert not list(tmp_path.glob(".art.tmp-*"))
+
+
+def test_rerun_is_noop_force_redoes_and_other_params_refused(tmp_path):
+    out = tmp_path / "art"
+    _run(out, {"a": 1}).finish({})
+    again = _run(out, {"a": 1})
+    assert again.done and again.manifest["stage"] == "demo"
+    with pytest.raises(UsageError, match="--force"):
+        _run(out, {"a": 2})
+    forced = _run(out, {"a": 2}, force=True)
+    assert not forced.done
+    forced.finish({})
+    assert read_manifest(out)["params"] == {"a": 2}
+
+
+def test_interrupted_run_resumes_committed_shards_only(tmp_path):
+    out = tmp_path / "art"
+    run = _run(out, {"a": 1})
+    run.partial("s0").write_text("done")
+    run.commit("s0")
+    run.partial("s1").write_text("half")  # crash before commit
+    resumed = _run(out, {"a": 1})
+    assert resumed.resumed and resumed.has("s0") and not resumed.has("s1")
+    fresh = _run(out, {"a": 9})  # other params: start over
+    assert not fresh.resumed and not fresh.has("s0")
+
+
+def test_input_fingerprints_and_wrong_kind(tmp_path):
+    src = tmp_path / "src"
+    StageRun.open(src, "extract", {}, ()).finish({})
+    out = tmp_path / "out"
+    run = StageRun.open(out, "filter", {}, [src])
+    assert run.inputs[0]["fingerprint"].startswith("manifest:")
+    run.finish({})
+    with pytest.raises(UsageError, match="'filter' artifact"):
+        require_artifact(out, ["extract"])
+    with pytest.raises(UsageError, match="holds a 'filter' artifact"):
+        StageRun.open(out, "extract", {}, ())
+
+
+def test_refuses_foreign_dirs_and_newer_formats(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not an llmctl artifact"):
+        _run(foreign, {})
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / MANIFEST).write_text(json.dumps({"stage": "demo", "format_version": 99}))
+    with pytest.raises(UsageError, match="newer llmctl"):
+        read_manifest(newer)
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(UsageError):
+            parse_shard(bad)
+
+
+def test_cli_help_and_version(llmctl):
+    r = llmctl("--help")
+    assert r.code == 0 and "Usage" in r.out
+    r = llmctl("--version")
+    assert r.code == 0 and r.out.startswith("llmctl ")
+    r = llmctl("no-such-stage")
+    assert r.code == 2
