@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from llmctl.errors import UsageError
+from llmctl.model import ModelConfig, Transformer, from_preset, lm_loss
+from llmctl.model.io import load_weights, save_weights
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64, **kw)).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}, {"qk_norm": True, "tie_embeddings": False}])
+def test_kv_cache_decoding_matches_full_forward(kw):
+    m = _model(**kw)
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = m(idx)
+        cache = m.new_cache(2)
+        parts = [m(idx[:, :7], cache=cache)]
+        for t in range(7, 20):
+            parts.append(m(idx[:, t : t + 1], cache=cache))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    m = _model()
+    a = torch.randint(0, 97, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % 97
+    with torch.no_grad():
+        assert torch.allclose(m(a)[:, :10], m(b)[:, :10], atol=1e-6)
+        assert not torch.allclose(m(a)[:, 10:], m(b)[:, 10:])
+
+
+def test_position_ids_restart_equals_separate_sequences():
+    m = _model()
+    x, y = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 5))
+    packed = torch.cat([x, y], 1)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]])
+    seg = torch.tensor([0] * 6 + [1] * 5)
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(11, 11, dtype=torch.bool).tril()
+    with torch.no_grad():
+        out = m(packed, position_ids=pos, attn_mask=mask)
+        assert torch.allclose(out[:, :6], m(x), atol=1e-5)
+        assert torch.allclose(out[:, 6:], m(y), atol=1e-5)
+
+
+def test_param_counts_match_modules():
+    for kw in ({}, {"n_kv_head": 1, "tie_embeddings": False}, {"qk_norm": True}):
+        m = _model(**kw)
+        assert sum(p.numel() for p in m.parameters()) == m.cfg.total_params()
+    assert from_preset("gpt2-small", vocab_size=50304).non_embedding_params() > 80e6
+
+
+def test_loss_ignores_minus_100_and_starts_near_log_vocab():
+    m = _model()
+    idx = torch.randint(0, 97, (4, 32))
+    tgt = idx.roll(-1, 1)
+    tgt[:, :5] = -100
+    loss = lm_loss(m(idx), tgt)
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+def test_weights_round_trip(tmp_path):
+    m = _model(tie_embeddings=False)
+    save_weights(m, tmp_path / "w.safetensors")
+    m2 = _model(tie_embeddings=False)
+    torch.nn.init.zeros_(m2.embed_tokens.weight)
+    load_weights(m2, tmp_path / "w.safetensors")
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(m(idx), m2(idx))
+
+
+def test_bad_shapes_are_usage_errors():
+    with pytest.raises(UsageError, match="divisible"):
+        ModelConfig(d_model=30, n_head=4)
+    with pytest.raises(UsageError, match="preset"):
+        from_preset("huge")
