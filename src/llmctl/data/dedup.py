@@ -1,0 +1,632 @@
+"""``llmctl dedup``: exact, near-duplicate (MinHash LSH) and boilerplate-line deduplication.
+
+Three phases, each resumable at shard granularity inside the StageRun work directory:
+
+1. **sign** (parallel over input shards, ``--workers`` processes): per document, a 128-bit hash of
+   the normalised text (exact), a MinHash signature over word n-grams of it (near), and the hashes
+   of its normalised lines (boilerplate). Written as ``sig/sig-K.npy`` (uint64 signatures) and
+   ``sig/meta-K.npz``; with ``--lsh-storage redis://…`` the worker also inserts its signatures into
+   the shared Redis index and publishes the per-shard hashes there.
+2. **plan** (one process): exact groups (survivor: the first document in (shard, row) order), then
+   LSH candidate pairs among the exact survivors — every bucket of every band holding ≥ 2 keys —
+   optionally verified by estimated Jaccard ≥ ``jaccard_threshold``, then connected components by
+   union-find; the survivor of a cluster is its first document in (shard, row) order. Finally the
+   document frequency of every normalised line over the remaining documents; lines in at least
+   ``line_min_docs`` documents and at least ``line_min_frac`` of them are boilerplate.
+3. **write** (parallel): each input shard K becomes ``docs-K.parquet`` without the duplicates and
+   without boilerplate lines; documents left with no text are dropped (reason ``boilerplate``).
+
+Survivors depend only on the documents' global positions, never on the number of workers or on
+the order in which workers finish.
+
+``--shard I/N`` takes input shards K with K mod N = I. With the in-memory index a task dedups its
+part on its own (duplicates across parts are not found). With a Redis index every task inserts its
+part into one shared index (keyed by a run id that all tasks derive from the same parameters and
+inputs), waits until every shard of the input is in it, then computes the same global plan and
+writes its own shards: together the N outputs equal one global run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..artifacts import MANIFEST, StageRun, input_record, params_fingerprint, write_json_atomic
+from ..console import progress
+from ..errors import StageError, UsageError
+from . import dedup_lsh as L
+from .dedup_minhash import Signer
+from .docs import BASE_COLUMNS, check_columns, list_shards, shard_filename, write_table
+from .text import normalize
+
+STAGE = "dedup"
+METHODS = ("exact", "near", "lines")
+KEEP, EXACT, NEAR = 0, 1, 2
+REASONS = {EXACT: "exact", NEAR: "near"}
+READ_ROWS = 2048
+
+
+@dataclass
+class DedupConfig:
+    inputs: list[Path]
+    out: Path
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    ngram: int = 5
+    seed: int = 1
+    jaccard_threshold: float = 0.75
+    line_min_docs: int = 10
+    line_min_frac: float = 0.0
+    lsh_storage: str = "memory"
+    run_id: str | None = None
+    wait_timeout: float = 3600.0
+    keep_rejected: Path | None = None
+    workers: int = 1
+    shard: str = "0/1"
+    force: bool = False
+
+    def params(self) -> dict[str, Any]:
+        p = asdict(self)
+        p.pop("inputs")
+        p.pop("force")
+        p["out"] = str(self.out)
+        p["keep_rejected"] = str(self.keep_rejected) if self.keep_rejected else None
+        return p
+
+
+def _validate(cfg: DedupConfig) -> None:
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad or not cfg.methods:
+        raise UsageError(f"--methods {','.join(cfg.methods)}: choose one or more of {','.join(METHODS)}")
+    if cfg.num_perm < 2 or cfg.bands < 2 or cfg.rows < 1:
+        raise UsageError("--num-perm ≥ 2, --bands ≥ 2 and --rows ≥ 1 are required")
+    if cfg.bands * cfg.rows > cfg.num_perm:
+        raise UsageError(
+            f"--bands {cfg.bands} × --rows {cfg.rows} = {cfg.bands * cfg.rows} exceeds --num-perm {cfg.num_perm}; "
+            "raise --num-perm or lower bands/rows"
+        )
+    if cfg.ngram < 1:
+        raise UsageError("--ngram must be ≥ 1")
+    if not 0.0 <= cfg.jaccard_threshold <= 1.0:
+        raise UsageError(f"--jaccard-threshold {cfg.jaccard_threshold}: must be within 0…1 (0 turns verification off)")
+    if not 0.0 <= cfg.line_min_frac <= 1.0:
+        raise UsageError(f"--line-min-frac {cfg.line_min_frac}: must be within 0…1")
+    if cfg.line_min_docs < 2:
+        raise UsageError("--line-min-docs must be ≥ 2 (a line in one document is not repeated)")
+    if cfg.workers < 1:
+        raise UsageError("--workers must be ≥ 1")
+    if cfg.keep_rejected is not None and Path(cfg.keep_rejected).resolve() == Path(cfg.out).resolve():
+        raise UsageError("--keep-rejected must be a different directory from --out")
+
+
+def _scan_inputs(inputs: list[Path]) -> tuple[list[Path], list[int]]:
+    """All input shards in order and their row counts; checks columns before any work starts."""
+    if not inputs:
+        raise UsageError("no DOCS given; pass a docs artifact directory or Parquet files")
+    shards: list[Path] = []
+    for p in inputs:
+        shards.extend(list_shards(Path(p)))
+    rows = []
+    for s in shards:
+        try:
+            pf = pq.ParquetFile(s)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise UsageError(f"{s}: not a readable Parquet file ({e}); rerun the stage that wrote it") from None
+        check_columns(pf.schema_arrow, s, BASE_COLUMNS)
+        rows.append(pf.metadata.num_rows)
+    if sum(rows) == 0:
+        raise UsageError(f"{', '.join(map(str, inputs))}: holds no documents; nothing to deduplicate")
+    return shards, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 1: signatures
+# ---------------------------------------------------------------------------------------------
+_SIGNERS: dict[tuple[int, int, int], Signer] = {}
+
+
+def _signer(num_perm: int, seed: int, ngram: int) -> Signer:
+    key = (num_perm, seed, ngram)
+    if key not in _SIGNERS:
+        _SIGNERS[key] = Signer(num_perm, seed, ngram)
+    return _SIGNERS[key]
+
+
+def _line_hash(line: str) -> int:
+    return int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _redis_shard_key(basename: str, k: int) -> str:
+    return f"{basename}:shard:{k:05d}"
+
+
+def sign_shard(task: dict) -> dict:
+    """Phase 1 for one input shard (runs in a worker process)."""
+    path, k = Path(task["path"]), task["k"]
+    signer = _signer(task["num_perm"], task["seed"], task["ngram"])
+    want_lines = task["lines"]
+    ids: list[str] = []
+    exact = []
+    sigs = []
+    has_parts = []
+    has_text = []
+    line_hashes: list[int] = []
+    line_off = [0]
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=READ_ROWS, columns=["id", "text"]):
+        texts = batch.column("text").to_pylist()
+        ids.extend(str(x) for x in batch.column("id").to_pylist())
+        toks = []
+        for t in texts:
+            t = t or ""
+            nlines = [normalize(x) for x in t.split("\n")]
+            nonempty = [x for x in nlines if x]
+            norm = " ".join(nonempty)
+            exact.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
+            has_text.append(bool(norm))
+            toks.append(norm.split())
+            if want_lines:
+                line_hashes.extend({_line_hash(x) for x in nonempty})
+                line_off.append(len(line_hashes))
+        sig, has = signer.signatures(toks)
+        sigs.append(sig)
+        has_parts.append(has)
+    n = len(ids)
+    sig = np.concatenate(sigs) if sigs else np.zeros((0, signer.num_perm), dtype=np.uint64)
+    has = np.concatenate(has_parts) if has_parts else np.zeros(0, dtype=bool)
+    exact_arr = np.frombuffer(b"".join(exact), dtype=np.uint64).reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
+    meta = {
+        "exact": exact_arr,
+        "has_sig": has,
+        "has_text": np.array(has_text, dtype=bool),
+        "ids": np.array(ids, dtype=str) if ids else np.zeros(0, dtype="<U1"),
+        "lines": np.array(line_hashes, dtype=np.uint64),
+        "line_off": np.array(line_off if want_lines else [0] * (n + 1), dtype=np.int64),
+    }
+    with open(task["sig_partial"], "wb") as f:
+        np.save(f, sig)
+    with open(task["meta_partial"], "wb") as f:
+        np.savez(f, **meta)
+    if task["storage"] is not None:
+        _publish_to_redis(task, k, sig, meta)
+    return {"k": k, "docs": n}
+
+
+def _publish_to_redis(task: dict, k: int, sig: np.ndarray, meta: dict) -> None:
+    """Insert this shard's signatures into the shared index, then publish its per-document hashes."""
+    import redis
+
+    signer = _signer(task["num_perm"], task["seed"], task["ngram"])
+    lsh = L.make_lsh(task["num_perm"], task["bands"], task["rows"], task["storage"])
+    exact_first = _exact_first_in_shard(meta["exact"], meta["has_text"]) if task["exact"] else None
+    with lsh.insertion_session(buffer_size=20000) as session:
+        for row in np.flatnonzero(meta["has_sig"]):
+            if exact_first is not None and not exact_first[row]:
+                continue  # a copy of an earlier document of this shard: never a survivor
+            session.insert(L.key_bytes(L.doc_key(k, int(row))), signer.minhash(sig[row]), check_duplication=False)
+    client = redis.Redis(**task["storage"]["redis"])
+    fields = {name: _to_bytes(arr) for name, arr in meta.items()}
+    fields["n"] = str(len(meta["has_sig"]))
+    client.hset(_redis_shard_key(task["basename"], k), mapping=fields)
+
+
+def _exact_first_in_shard(exact: np.ndarray, has_text: np.ndarray) -> np.ndarray:
+    first = np.zeros(len(exact), dtype=bool)
+    if len(exact):
+        _, idx = np.unique(exact, axis=0, return_index=True)
+        first[idx] = True
+    return first | ~has_text
+
+
+def _to_bytes(arr: np.ndarray) -> bytes:
+    if arr.dtype.kind == "U":
+        return "\n".join(arr.tolist()).encode("utf-8")
+    return arr.tobytes()
+
+
+def _meta_from_redis(fields: dict[bytes, bytes], num_perm: int) -> dict:
+    n = int(fields[b"n"])
+    ids = fields[b"ids"].decode("utf-8").split("\n") if n else []
+    return {
+        "exact": np.frombuffer(fields[b"exact"], dtype=np.uint64).reshape(n, 2),
+        "has_sig": np.frombuffer(fields[b"has_sig"], dtype=bool),
+        "has_text": np.frombuffer(fields[b"has_text"], dtype=bool),
+        "ids": np.array(ids, dtype=str) if ids else np.zeros(0, dtype="<U1"),
+        "lines": np.frombuffer(fields[b"lines"], dtype=np.uint64),
+        "line_off": np.frombuffer(fields[b"line_off"], dtype=np.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 2: the plan
+# ---------------------------------------------------------------------------------------------
+def _histogram(sizes: list[int]) -> dict[str, int]:
+    bins = [(2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, None)]
+    out = {}
+    for lo, hi in bins:
+        label = str(lo) if hi == lo else (f"{lo}-{hi}" if hi else f">{lo - 1}")
+        out[label] = sum(1 for s in sizes if s >= lo and (hi is None or s <= hi))
+    return out
+
+
+def _plan(cfg: DedupConfig, shard_ids: list[int], metas: dict[int, dict], sig_paths: dict[int, Path],
+          lsh_storage: dict | None, redis_client) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray],
+                                                          np.ndarray, dict[str, Any]]:
+    """Decide every document's fate: reason code per doc, the key of its survivor, boilerplate lines."""
+    stats: dict[str, Any] = {}
+    reason = {k: np.zeros(len(metas[k]["has_sig"]), dtype=np.int8) for k in shard_ids}
+    dup_of = {k: np.full(len(metas[k]["has_sig"]), -1, dtype=np.int64) for k in shard_ids}
+
+    # exact: survivor = first document in (shard, row) order among identical normalised texts
+    t0 = time.time()
+    if "exact" in cfg.methods:
+        keys = np.concatenate([
+            (np.int64(k) << 32) + np.flatnonzero(metas[k]["has_text"]).astype(np.int64) for k in shard_ids
+        ])
+        hashes = np.concatenate([metas[k]["exact"][metas[k]["has_text"]] for k in shard_ids])
+        if len(keys):
+            _, first, inverse, counts = np.unique(hashes, axis=0, return_index=True, return_inverse=True,
+                                                  return_counts=True)
+            inverse = inverse.reshape(-1)
+            survivor = keys[first][inverse]
+            dups = np.flatnonzero(survivor != keys)
+            for i in dups:
+                s, r = L.split_key(int(keys[i]))
+                reason[s][r] = EXACT
+                dup_of[s][r] = survivor[i]
+            sizes = counts[counts > 1].tolist()
+        else:
+            sizes = []
+        stats["exact_clusters"] = len(sizes)
+        stats["exact_cluster_sizes"] = _histogram(sizes)
+    stats["seconds_exact"] = round(time.time() - t0, 3)
+
+    # near: LSH buckets → candidate pairs → verification → union-find
+    t0 = time.time()
+    if "near" in cfg.methods:
+        active: set[int] = set()
+        for k in shard_ids:
+            ok = metas[k]["has_sig"] & (reason[k] == KEEP)
+            active.update(int(x) for x in (np.int64(k) << 32) + np.flatnonzero(ok).astype(np.int64))
+        if lsh_storage is None:  # in-memory index, built here from the signature files
+            lsh = L.make_lsh(cfg.num_perm, cfg.bands, cfg.rows, None)
+            signer = _signer(cfg.num_perm, cfg.seed, cfg.ngram)
+            with lsh.insertion_session() as session:
+                for k in shard_ids:
+                    sig = np.load(sig_paths[k], mmap_mode="r")
+                    ok = np.flatnonzero(metas[k]["has_sig"] & (reason[k] == KEEP))
+                    for row in ok:
+                        session.insert(L.key_bytes(L.doc_key(k, int(row))), signer.minhash(np.asarray(sig[row])),
+                                       check_duplication=False)
+        else:
+            lsh = L.make_lsh(cfg.num_perm, cfg.bands, cfg.rows, lsh_storage)
+        pairs = sorted(L.candidate_pairs(L.band_buckets(lsh, redis_client), active))
+        stats["candidate_pairs"] = len(pairs)
+        if pairs and cfg.jaccard_threshold > 0:
+            sim = _pair_similarity(pairs, lsh, sig_paths, cfg)
+            kept = [p for p, s in zip(pairs, sim.tolist(), strict=True) if s >= cfg.jaccard_threshold]
+        else:
+            kept = pairs
+        stats["verified_pairs"] = len(kept)
+        uf = L.UnionFind()
+        for a, b in kept:
+            uf.union(a, b)
+        clusters = uf.clusters()
+        for root, members in clusters.items():
+            for m in members[1:]:
+                s, r = L.split_key(m)
+                reason[s][r] = NEAR
+                dup_of[s][r] = root
+        sizes = [len(m) for m in clusters.values()]
+        stats["near_clusters"] = len(sizes)
+        stats["near_cluster_sizes"] = _histogram(sizes)
+        stats["near_largest_cluster"] = max(sizes, default=0)
+    stats["seconds_near"] = round(time.time() - t0, 3)
+
+    # boilerplate lines: document frequency over the documents that are still in
+    t0 = time.time()
+    boiler = np.zeros(0, dtype=np.uint64)
+    if "lines" in cfg.methods:
+        parts = []
+        n_docs = 0
+        for k in shard_ids:
+            m = metas[k]
+            keep_rows = np.flatnonzero(reason[k] == KEEP)
+            n_docs += len(keep_rows)
+            off = m["line_off"]
+            if len(keep_rows) == len(off) - 1:
+                parts.append(m["lines"])
+            else:
+                parts.extend(m["lines"][off[r] : off[r + 1]] for r in keep_rows)
+        allh = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        uniq, counts = np.unique(allh, return_counts=True)
+        need = max(cfg.line_min_docs, math.ceil(cfg.line_min_frac * n_docs))
+        boiler = uniq[counts >= need]
+        stats["boilerplate_min_docs"] = need
+        stats["boilerplate_distinct_lines"] = len(boiler)
+    stats["seconds_lines_count"] = round(time.time() - t0, 3)
+    return reason, dup_of, boiler, stats
+
+
+def _pair_similarity(pairs: list[tuple[int, int]], lsh, sig_paths: dict[int, Path], cfg: DedupConfig) -> np.ndarray:
+    """Estimated Jaccard of each candidate pair over the first bands × rows MinHash values."""
+    width = cfg.bands * cfg.rows
+    keys = sorted({k for p in pairs for k in p})
+    pos = {k: i for i, k in enumerate(keys)}
+    if sig_paths and all(L.split_key(k)[0] in sig_paths for k in keys):
+        sigs = np.empty((len(keys), width), dtype=np.uint64)
+        by_shard: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_shard.setdefault(L.split_key(k)[0], []).append(i)
+        for s, idx in by_shard.items():
+            mm = np.load(sig_paths[s], mmap_mode="r")
+            rows = [L.split_key(keys[i])[1] for i in idx]
+            sigs[idx] = mm[rows, :width]
+    else:  # other machines' documents: read the signatures back from the shared index
+        sigs = L.stored_signatures(lsh, keys)
+    a = np.array([pos[p[0]] for p in pairs])
+    b = np.array([pos[p[1]] for p in pairs])
+    out = np.empty(len(pairs))
+    for i in range(0, len(pairs), 65536):
+        out[i : i + 65536] = np.mean(sigs[a[i : i + 65536]] == sigs[b[i : i + 65536]], axis=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 3: write
+# ---------------------------------------------------------------------------------------------
+def write_shard(task: dict) -> dict:
+    """Phase 3 for one input shard: drop duplicates, strip boilerplate lines, write docs + rejected."""
+    plan = np.load(task["plan"])
+    reason, dup_of_id = plan["reason"], plan["dup_of_id"]
+    boiler = set(np.load(task["boiler"]).tolist()) if task["boiler"] else set()
+    table = pq.read_table(task["path"])
+    texts = table.column("text").to_pylist()
+    keep_idx, rej_idx, rej_reason, rej_dup = [], [], [], []
+    new_texts: list[str] = []
+    lines_removed = chars_removed = 0
+    for i, t in enumerate(texts):
+        code = int(reason[i])
+        if code != KEEP:
+            rej_idx.append(i)
+            rej_reason.append(REASONS[code])
+            rej_dup.append(str(dup_of_id[i]))
+            continue
+        t = t or ""
+        if boiler:
+            lines = t.split("\n")
+            kept = []
+            for line in lines:
+                nl = normalize(line)
+                if nl and _line_hash(nl) in boiler:
+                    lines_removed += 1
+                    chars_removed += len(line) + 1
+                else:
+                    kept.append(line)
+            if len(kept) != len(lines):
+                if not any(normalize(x) for x in kept):
+                    rej_idx.append(i)
+                    rej_reason.append("boilerplate")
+                    rej_dup.append(None)
+                    continue
+                t = "\n".join(kept).strip("\n")
+        keep_idx.append(i)
+        new_texts.append(t)
+    col = table.schema.get_field_index("text")
+    out = table.take(pa.array(keep_idx, pa.int64()))
+    out = out.set_column(col, table.schema.field(col), pa.array(new_texts, table.schema.field(col).type))
+    write_table(out, Path(task["out_partial"]))
+    if task["rejected"] is not None and rej_idx:
+        rej = table.take(pa.array(rej_idx, pa.int64()))
+        rej = rej.append_column("reason", pa.array(rej_reason, pa.string()))
+        rej = rej.append_column("duplicate_of", pa.array(rej_dup, pa.string()))
+        final = Path(task["rejected"])
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        write_table(rej, tmp)
+        os.replace(tmp, final)
+    counts = Counter(rej_reason)
+    return {
+        "k": task["k"],
+        "docs_in": len(texts),
+        "docs_out": len(keep_idx),
+        "exact": counts.get("exact", 0),
+        "near": counts.get("near", 0),
+        "boilerplate": counts.get("boilerplate", 0),
+        "lines_removed": lines_removed,
+        "chars_removed_by_lines": chars_removed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def _pool(workers: int) -> ProcessPoolExecutor | None:
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+
+
+def _map(pool, fn, tasks: list[dict], on_done) -> None:
+    if pool is None:
+        for t in tasks:
+            on_done(t, fn(t))
+        return
+    futures = {pool.submit(fn, t): t for t in tasks}
+    for fut in as_completed(futures):
+        on_done(futures[fut], fut.result())
+
+
+def run(cfg: DedupConfig) -> dict[str, Any]:
+    """Run the dedup stage; returns the manifest (the old one if the run was already complete)."""
+    _validate(cfg)
+    part, n_parts = _parse_shard(cfg.shard)
+    shards, rows = _scan_inputs([Path(p) for p in cfg.inputs])
+    redis_client = L.check_redis(cfg.lsh_storage) if cfg.lsh_storage not in ("", "memory") else None
+    params = cfg.params()
+    # all tasks of one job array (and all workers) share this id; other runs get other ids
+    shared = {k: v for k, v in params.items() if k not in ("out", "workers", "shard", "keep_rejected", "wait_timeout")}
+    # inputs to fingerprint: an artifact by its manifest, a plain folder of Parquet files file by file
+    fp_inputs = [Path(p) for p in cfg.inputs if (Path(p) / MANIFEST).is_file() or Path(p).is_file()]
+    fp_inputs += [s for s in shards if not any(s.is_relative_to(Path(p)) for p in fp_inputs)]
+    run_id = cfg.run_id or params_fingerprint(shared, [input_record(p) for p in fp_inputs])[:16]
+    basename = f"llmctl-dedup:{run_id}"
+    storage = L.storage_config(cfg.lsh_storage, basename) if redis_client is not None else None
+    mine = [k for k in range(len(shards)) if k % n_parts == part]
+
+    run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=cfg.force)
+    if run_.done:
+        return {**run_.manifest, "already_complete": True}
+    if cfg.keep_rejected is not None:
+        Path(cfg.keep_rejected).mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    pool = _pool(min(cfg.workers, max(1, len(mine))))
+    try:
+        # phase 1 ------------------------------------------------------------------------------
+        sig_paths = {k: run_.path(f"sig/sig-{k:05d}.npy") for k in mine}
+        todo = []
+        for k in mine:
+            meta_name = f"sig/meta-{k:05d}.npz"
+            if run_.has(meta_name) and (redis_client is None or redis_client.exists(_redis_shard_key(basename, k))):
+                continue
+            todo.append({
+                "path": str(shards[k]), "k": k, "num_perm": cfg.num_perm, "seed": cfg.seed, "ngram": cfg.ngram,
+                "bands": cfg.bands, "rows": cfg.rows, "lines": "lines" in cfg.methods,
+                "exact": "exact" in cfg.methods, "storage": storage, "basename": basename,
+                "sig_partial": str(run_.partial(f"sig/sig-{k:05d}.npy")),
+                "meta_partial": str(run_.partial(meta_name)),
+            })
+        t0 = time.time()
+        with progress() as bar:
+            task_id = bar.add_task("dedup: signatures", total=sum(rows[t["k"]] for t in todo), unit="docs")
+
+            def signed(task: dict, res: dict) -> None:
+                run_.commit(f"sig/sig-{res['k']:05d}.npy")
+                run_.commit(f"sig/meta-{res['k']:05d}.npz")
+                bar.advance(task_id, res["docs"])
+
+            _map(pool, sign_shard, todo, signed)
+        t_sign = time.time() - t0
+
+        # phase 2 ------------------------------------------------------------------------------
+        t0 = time.time()
+        if redis_client is not None:
+            plan_shards = list(range(len(shards)))
+            metas = _wait_for_shards(redis_client, basename, plan_shards, cfg)
+            local_sigs = {}
+        else:
+            plan_shards = mine
+            metas = {k: dict(np.load(run_.path(f"sig/meta-{k:05d}.npz"))) for k in mine}
+            local_sigs = sig_paths
+        reason, dup_of, boiler, plan_stats = _plan(cfg, plan_shards, metas, local_sigs, storage, redis_client)
+        boiler_path = run_.partial("plan/boilerplate.npy")
+        with open(boiler_path, "wb") as f:
+            np.save(f, boiler)
+        run_.commit("plan/boilerplate.npy")
+        for k in mine:
+            ids_of = {}
+            for key in set(dup_of[k][dup_of[k] >= 0].tolist()):
+                s, r = L.split_key(key)
+                ids_of[key] = str(metas[s]["ids"][r])
+            dup_ids = np.array([ids_of.get(int(x), "") for x in dup_of[k]], dtype=str)
+            with open(run_.partial(f"plan/plan-{k:05d}.npz"), "wb") as f:
+                np.savez(f, reason=reason[k], dup_of_id=dup_ids)
+            run_.commit(f"plan/plan-{k:05d}.npz")
+        t_plan = time.time() - t0
+
+        # phase 3 ------------------------------------------------------------------------------
+        t0 = time.time()
+        per_shard: dict[int, dict] = {}
+        todo = []
+        for k in mine:
+            name, stats_name = shard_filename(k), f"parts/stats-{k:05d}.json"
+            if run_.has(name) and run_.has(stats_name):
+                per_shard[k] = json.loads(run_.path(stats_name).read_text())
+                continue
+            todo.append({
+                "path": str(shards[k]), "k": k, "plan": str(run_.path(f"plan/plan-{k:05d}.npz")),
+                "boiler": str(run_.path("plan/boilerplate.npy")) if "lines" in cfg.methods else None,
+                "out_partial": str(run_.partial(name)),
+                "rejected": str(Path(cfg.keep_rejected) / shard_filename(k, "rejected")) if cfg.keep_rejected else None,
+            })
+        with progress() as bar:
+            task_id = bar.add_task("dedup: writing", total=sum(rows[t["k"]] for t in todo), unit="docs")
+
+            def written(task: dict, res: dict) -> None:
+                k = res["k"]
+                write_json_atomic(run_.partial(f"parts/stats-{k:05d}.json"), res)
+                run_.commit(shard_filename(k))
+                run_.commit(f"parts/stats-{k:05d}.json")
+                per_shard[k] = res
+                bar.advance(task_id, res["docs_in"])
+
+            _map(pool, write_shard, todo, written)
+        t_write = time.time() - t0
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    totals = Counter()
+    for res in per_shard.values():
+        totals.update({k: v for k, v in res.items() if k != "k"})
+    wall = time.time() - t_start
+    stats: dict[str, Any] = {
+        "docs_in": totals["docs_in"],
+        "docs_out": totals["docs_out"],
+        "removed": {"exact": totals["exact"], "near": totals["near"], "boilerplate": totals["boilerplate"]},
+        "lines_removed": totals["lines_removed"],
+        "chars_removed_by_lines": totals["chars_removed_by_lines"],
+        "shards": len(mine),
+        **plan_stats,
+        "seconds_signatures": round(t_sign, 3),
+        "seconds_plan": round(t_plan, 3),
+        "seconds_write": round(t_write, 3),
+        "docs_per_second": round(totals["docs_in"] / wall, 1) if wall > 0 else None,
+    }
+    for tmp_dir in ("sig", "plan", "parts"):
+        shutil.rmtree(run_.path(tmp_dir), ignore_errors=True)
+    files = [shard_filename(k) for k in mine]
+    return run_.finish(stats, files=files, run_id=run_id, lsh_basename=basename if storage else None,
+                       input_shards=[str(s) for s in shards])
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    from ..cli.common import parse_shard
+
+    return parse_shard(spec)
+
+
+def _wait_for_shards(client, basename: str, shard_ids: list[int], cfg: DedupConfig) -> dict[int, dict]:
+    """Barrier of a job array: wait until every shard of the input is in the shared index."""
+    deadline = time.time() + cfg.wait_timeout
+    while True:
+        pipe = client.pipeline(transaction=False)
+        for k in shard_ids:
+            pipe.exists(_redis_shard_key(basename, k))
+        present = pipe.execute()
+        missing = [k for k, p in zip(shard_ids, present, strict=True) if not p]
+        if not missing:
+            break
+        if time.time() > deadline:
+            raise StageError(
+                f"waited {cfg.wait_timeout:.0f}s for {len(missing)} input shard(s) (e.g. {missing[0]}) to reach the "
+                f"shared index {basename}; start the other --shard tasks or raise --wait-timeout"
+            )
+        time.sleep(1.0)
+    metas = {}
+    for k in shard_ids:
+        metas[k] = _meta_from_redis(client.hgetall(_redis_shard_key(basename, k)), cfg.num_perm)
+    return metas
