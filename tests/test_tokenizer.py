@@ -78,6 +78,17 @@ def test_roundtrip_exact_on_heldout_text_and_code(tok_dir, corpus):
     assert len(samples) > 3000
 
 
+def test_long_documents_encode_exactly_as_sentencepiece_does(tok_dir, corpus):
+    tok = load_tokenizer(tok_dir)
+    long_text = "\n\n".join(corpus["heldout_paragraphs"]) + "  x" + " " * 9000 + "y\n" + "z" * 10_000 + " end"
+    assert len(long_text) > 20 * tk.LONG_CHARS
+    ids = tok.encode(long_text, add_bos=True, add_eos=True)
+    assert ids == tok.sp.encode(long_text, add_bos=True, add_eos=True)
+    assert tok.decode(ids) == long_text
+    batch = tok.encode(["short one", long_text, "code:\n\tx = 1"])
+    assert batch == tok.sp.encode(["short one", long_text, "code:\n\tx = 1"])
+
+
 def test_digits_are_split_one_by_one(tok_dir):
     tok = load_tokenizer(tok_dir)
     pieces = [tok.id_to_piece(i) for i in tok.encode("In 1599, 31415926 people paid 2.50 each")]
@@ -251,17 +262,19 @@ def test_cli_train_encode_stats_and_bad_input(corpus, tok_dir, tmp_path, llmctl)
     assert "val split is empty" in r.err
     r = llmctl("tokenize", "stats", tmp_path / "toks", "--show", "10")
     assert r.code == 0 and "fine doc" in r.err
-    r = llmctl("tokenize", "train", tmp_path / "nope.csv", "--out", tmp_path / "x")
-    assert r.code == 2 and "no such file" in r.err and not (tmp_path / "x").exists()
     (tmp_path / "a.csv").write_text("x")
     r = llmctl("tokenize", "train", tmp_path / "a.csv", "--out", tmp_path / "x")
-    assert r.code == 2 and "unknown document file type" in r.err
-    r = llmctl("tokenize", "train", corpus["dir"] / "code.jsonl", "--vocab-size", "200000", "--out", tmp_path / "x")
-    assert r.code == 2 and "--vocab-size 200000" in r.err and not (tmp_path / "x").exists()
-    r = llmctl("tokenize", "encode", bad, "--tokenizer", tmp_path / "nope", "--out", tmp_path / "y")
-    assert r.code == 2 and "no such tokenizer" in r.err
-    r = llmctl("tokenize", "encode", bad, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "y", "--domain-weights", "web=x")
-    assert r.code == 2 and "--domain-weights" in r.err
+    assert r.code == 2 and "unknown document file type" in r.err and not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="no such file"):
+        tk.train(TrainConfig(docs=[str(tmp_path / "nope.txt")], out=str(tmp_path / "x")))
+    with pytest.raises(UsageError, match="--vocab-size 200000"):
+        tk.train(TrainConfig(docs=[str(corpus["dir"] / "code.jsonl")], out=str(tmp_path / "x"), vocab_size=200_000))
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+    with pytest.raises(UsageError, match="no such tokenizer"):
+        tk.encode(EncodeConfig(docs=[str(bad)], tokenizer=str(tmp_path / "nope"), out=str(tmp_path / "y")))
+    with pytest.raises(UsageError, match="--domain-weights"):
+        tk.parse_domain_weights("web=x")
+    assert tk.parse_domain_weights("web=1, code=2.5") == {"web": 1.0, "code": 2.5}
     r = llmctl("tokenize", "train", "--help")
     assert r.code == 0 and "Example" in r.out
 

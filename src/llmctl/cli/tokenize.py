@@ -32,7 +32,7 @@ TxtSplitOpt = Annotated[
 ]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="The text field of .jsonl records.")]
 ThreadsOpt = Annotated[
-    int, typer.Option("--threads", min=0, help="sentencepiece threads (per worker when encoding); 0 = all cores.")
+    int, typer.Option("--threads", min=0, help="sentencepiece threads (per worker when encoding); 0 = all cores (÷ workers).")
 ]
 
 
