@@ -664,7 +664,7 @@ def run(cfg: CrawlConfig) -> dict[str, Any]:
     seeds, seed_files = load_seeds(cfg.seeds)
     stage = StageRun.open(cfg.out, "crawl", cfg.params(), inputs=seed_files, force=cfg.force)
     if stage.done:
-        console.print(f"{cfg.out}: crawl already complete with these options; pass --force to redo it")
+        console.print(f"{cfg.out}: crawl already complete with these options; pass --force to redo it", soft_wrap=True)
         return stage.manifest
     info = {
         "software": f"llmctl/{__version__} (warcio, aiohttp)",
