@@ -1,0 +1,550 @@
+"""The one training loop: every objective (pretrain, sft, reward, dpo, ppo) plugs into ``Trainer``.
+
+An objective is an object with these methods (``Objective`` below is the base class to subclass):
+
+``setup(ctx)``
+    Called once before training with a ``TrainContext`` (device, DDP rank/world size, the number
+    of micro-batches per optimizer step on this rank, the loop config). Build data sources here.
+``extra_modules() -> dict[str, nn.Module]``
+    Modules trained alongside the model (a value head, a reward head); optimized, checkpointed,
+    and moved to the device with it. Default: none.
+``next_batch() -> dict[str, Tensor]``
+    One micro-batch for this rank (CPU tensors; the trainer moves every tensor to the device).
+    The trainer calls it ``accum_steps`` times per optimizer step.
+``tokens_in(batch) -> int``
+    Tokens this micro-batch processes (for tokens/s, MFU and ``max_tokens``).
+``loss(model, batch, modules) -> (loss, metrics)``
+    The scalar loss to minimise (a mean over the micro-batch) and a dict of float/tensor metrics to
+    log. ``model`` is the (compiled, DDP-wrapped) transformer to call; ``modules`` the extra modules.
+    Runs under autocast; compute the loss itself in fp32.
+``evaluate(model, modules, full) -> dict[str, float]``
+    Optional evaluation under ``torch.no_grad`` in eval mode, on every rank (sum across ranks with
+    ``ctx.dist.all_reduce_sum``). ``full=False`` for the periodic pass (may subsample), ``True`` for
+    the final pass. Default: nothing.
+``on_progress(step, progress)``
+    Called before every optimizer step with the run's progress in [0, 1] (e.g. to switch to an
+    anneal data source). Default: nothing.
+``state_dict()`` / ``load_state_dict(state)``
+    The data position, saved in every checkpoint (JSON), so a resumed run sees the same batches.
+
+The trainer owns the rest: fp32 master weights with bf16/fp16 autocast (GradScaler for fp16),
+torch.compile, DDP (gradient all-reduce only on the last micro-batch), gradient accumulation,
+clipping, AdamW or Muon+AdamW, the warmup+cosine/WSD schedule, stop at ``max_steps``/``max_tokens``/
+``time_budget``, NaN/inf detection, periodic eval, atomic checkpoints with exact resume,
+``metrics.jsonl`` and ``loss.png``. ``Trainer.fit()`` returns the run's statistics.
+
+Exact resume: a checkpoint at step ``k`` holds weights, optimizer and scaler states, every RNG and
+the objective's data position; restoring it and continuing gives, on CPU with the same seed and
+thread count, the same losses bit for bit as a run that was never interrupted. ``metrics.jsonl``
+is cut back to step ``k`` on resume. (Runs stopped by ``time_budget`` are not bit-reproducible:
+their learning-rate schedule follows the wall clock.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..console import console
+from ..errors import StageError, UsageError
+from . import checkpoint as ckpt
+from .distributed import DistContext
+from .optim import build_optimizers, set_lr
+from .precision import autocast, make_scaler, peak_flops, peak_memory, resolve_precision
+from .schedule import lr_factor
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class LoopConfig:
+    """Options of the training loop shared by every objective."""
+
+    max_steps: int = 0  # optimizer steps; 0 = no limit (another limit must be set)
+    max_tokens: int = 0  # tokens processed (all ranks); 0 = no limit
+    time_budget: float = 0.0  # seconds of wall clock for training; 0 = no limit
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.3  # wsd: the final warmdown fraction of the run
+    optimizer: str = "adamw"
+    muon_lr: float | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0 = only the final eval
+    checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class TrainContext:
+    device: torch.device
+    precision: str
+    dist: DistContext
+    accum_steps: int
+    config: LoopConfig
+
+
+class Objective:
+    """Base class of a training objective; see the module docstring for the contract."""
+
+    name = "objective"
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], modules: dict[str, nn.Module]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, modules: dict[str, nn.Module], full: bool) -> dict[str, float]:
+        return {}
+
+    def on_progress(self, step: int, progress: float) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def estimate_train_memory(
+    model_cfg: Any, micro_batch: int, seq_len: int, optimizer: str = "adamw", precision: str = "fp32"
+) -> dict[str, int]:
+    """Bytes needed to train: fp32 weights + grads + optimizer states + activations of one micro-batch.
+
+    Activations per token per layer are counted as saved tensors of the attention and SwiGLU
+    blocks (≈ 16·d + 4·ffn values, plus ``n_head·T`` attention weights when SDPA falls back to the
+    math kernel), and the logits three times (logits, fp32 copy, gradient).
+    """
+    p = model_cfg.total_params()
+    matrices = model_cfg.n_layer * (model_cfg.params_per_layer() - 2 * model_cfg.d_model)
+    states = 8 * p if optimizer == "adamw" else 8 * (p - matrices) + 4 * matrices
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    tokens = micro_batch * seq_len
+    per_layer = 16 * model_cfg.d_model + 4 * model_cfg.ffn_hidden + model_cfg.n_head * seq_len
+    activations = tokens * model_cfg.n_layer * per_layer * act_bytes + 3 * tokens * model_cfg.vocab_size * 4
+    total = 4 * p + 4 * p + states + activations
+    return {"weights": 4 * p, "grads": 4 * p, "optimizer": states, "activations": activations, "total": total}
+
+
+def check_memory(est: dict[str, int], available: int, what: str = "this model") -> None:
+    """Refuse (UsageError) before allocating when the estimate exceeds 90% of the memory available."""
+    if est["total"] > 0.9 * available:
+        gib = 1 << 30
+        raise UsageError(
+            f"{what} needs ≈{est['total'] / gib:.1f} GiB to train (weights {est['weights'] / gib:.1f}, "
+            f"grads {est['grads'] / gib:.1f}, optimizer {est['optimizer'] / gib:.1f}, activations "
+            f"{est['activations'] / gib:.1f}) but only {available / gib:.1f} GiB is available; "
+            "choose a smaller preset/dims or a smaller --micro-batch"
+        )
+
+
+class _Container(nn.Module):
+    """The model plus the objective's extra modules, for one optimizer and one checkpoint file."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = nn.ModuleDict(extra)
+
+
+class Trainer:
+    """Runs an ``Objective`` on a model in ``work`` (which holds checkpoints/ and metrics.jsonl)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: LoopConfig,
+        work: Path,
+        *,
+        accum_steps: int,
+        flops_per_token: float,
+        dist_ctx: DistContext | None = None,
+        title: str = "train",
+    ) -> None:
+        self.cfg = config
+        self.work = Path(work)
+        self.objective = objective
+        self.dist = dist_ctx or DistContext()
+        self.accum_steps = accum_steps
+        self.flops_per_token = flops_per_token
+        self.title = title
+        if not (config.max_steps or config.max_tokens or config.time_budget):
+            raise UsageError("no stopping rule: give --max-steps, --max-tokens or --time-budget")
+        if accum_steps < 1:
+            raise UsageError("gradient accumulation steps must be ≥ 1")
+        from .precision import resolve_device
+
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.model = model.to(self.device)
+        self.ctx = TrainContext(self.device, self.precision, self.dist, accum_steps, config)
+        objective.setup(self.ctx)
+        self.extra = {k: m.to(self.device) for k, m in objective.extra_modules().items()}
+        self.container = _Container(self.model, self.extra)
+        self.optimizers = build_optimizers(
+            self.container.named_parameters(),
+            optimizer=config.optimizer,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(config.beta1, config.beta2),
+            muon_lr=config.muon_lr,
+        )
+        self.scaler = make_scaler(self.device, self.precision)
+        self.fwd_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.model, device_ids=ids)
+            self.fwd_model = self.ddp
+        else:
+            self.ddp = None
+        if config.compile:
+            self.fwd_model = torch.compile(self.fwd_model)
+        self.peak = peak_flops(self.device, self.precision)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.ckpt_root = self.work / CHECKPOINTS
+
+    # -- progress -------------------------------------------------------------------------------
+    def progress(self, step: int | None = None, tokens: int | None = None, elapsed: float | None = None) -> float:
+        c = self.cfg
+        step = self.step if step is None else step
+        tokens = self.tokens if tokens is None else tokens
+        elapsed = self.elapsed if elapsed is None else elapsed
+        fr = []
+        if c.max_steps:
+            fr.append(step / c.max_steps)
+        if c.max_tokens:
+            fr.append(tokens / c.max_tokens)
+        if c.time_budget:
+            fr.append(elapsed / c.time_budget)
+        return min(1.0, max(fr))
+
+    def _stop_reason(self) -> str | None:
+        c = self.cfg
+        if c.max_steps and self.step >= c.max_steps:
+            return "max_steps"
+        if c.max_tokens and self.tokens >= c.max_tokens:
+            return "max_tokens"
+        if c.time_budget and self.elapsed >= c.time_budget:
+            return "time_budget"
+        return None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _rng_states(self) -> list[dict[str, Any]]:
+        mine = ckpt.rng_state()
+        if not self.dist.enabled:
+            return [mine]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def save(self) -> Path | None:
+        rngs = self._rng_states()
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                module=self.container,
+                optimizers=self.optimizers,
+                scaler=self.scaler,
+                data_state=self.objective.state_dict(),
+                trainer_state={"tokens": self.tokens, "elapsed": self.elapsed, "precision": self.precision},
+                rng_states=rngs,
+                keep=self.cfg.keep_checkpoints,
+            )
+        self.dist.barrier()
+        return path
+
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint in the work dir, if any; return its step."""
+        if self.dist.is_main:
+            ckpt.clean_stale(self.ckpt_root)
+        self.dist.barrier()
+        found = ckpt.list_checkpoints(self.ckpt_root)
+        if not found:
+            return 0
+        step, path = found[-1]
+        state, data_state = ckpt.load_checkpoint(
+            path, module=self.container, optimizers=self.optimizers, scaler=self.scaler, rank=self.dist.rank
+        )
+        self.objective.load_state_dict(data_state)
+        self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+        return step
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.work / METRICS
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        tmp.replace(path)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _log(self, rec: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.work / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        nb = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _evaluate(self, full: bool) -> dict[str, float]:
+        self.model.eval()
+        for m in self.extra.values():
+            m.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                # eval runs the plain module: the compiled one would recompile for other shapes
+                return self.objective.evaluate(self.model, self.extra, full)
+        finally:
+            self.model.train()
+            for m in self.extra.values():
+                m.train()
+
+    def train_step(self) -> tuple[float, float, int, dict[str, float]]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns (loss, grad_norm, tokens, metrics)."""
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        extra_metrics: dict[str, float] = {}
+        for i in range(self.accum_steps):
+            batch = self._to_device(self.objective.next_batch())
+            tokens += self.objective.tokens_in(batch)
+            last = i == self.accum_steps - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    loss, metrics = self.objective.loss(self.fwd_model, batch, self.extra)
+                scaled = loss / self.accum_steps
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                extra_metrics[k] = extra_metrics.get(k, 0.0) + float(v) / self.accum_steps
+        if self.dist.enabled and self.extra:  # extra modules are not under DDP: average their grads
+            for m in self.extra.values():
+                for p in m.parameters():
+                    if p.grad is not None:
+                        self.dist.all_reduce_sum(p.grad)
+                        p.grad /= self.dist.world_size
+        loss_val = loss_sum / self.accum_steps
+        if self.dist.enabled:
+            self.dist.all_reduce_sum(loss_val)
+            loss_val /= self.dist.world_size
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+        params = [p for p in self.container.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler is not None:
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return float(loss_val), float(gnorm), tokens * self.dist.world_size, extra_metrics
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resumed_at = self.resume()
+        if resumed_at and self.dist.is_main:
+            console.print(f"{self.title}: resumed from checkpoint step {resumed_at:,} ({self.tokens:,} tokens)")
+        self.model.train()
+        stop = self._stop_reason()
+        last_val: dict[str, float] = {}
+        window_tokens, window_time = 0, 0.0
+        last_good = ckpt.list_checkpoints(self.ckpt_root)
+        while stop is None:
+            t0 = time.perf_counter()
+            factor = lr_factor(
+                self.step,
+                self.progress(),
+                schedule=cfg.schedule,
+                warmup_steps=cfg.warmup_steps,
+                decay_fraction=cfg.decay_fraction,
+                min_lr_ratio=cfg.min_lr_ratio,
+            )
+            lr = set_lr(self.optimizers, factor)
+            self.objective.on_progress(self.step, self.progress())
+            loss, gnorm, tokens, metrics = self.train_step()
+            if not math.isfinite(loss):
+                good = ckpt.list_checkpoints(self.ckpt_root) or last_good
+                where = f"the last good checkpoint {good[-1][1]} is kept" if good else "no checkpoint was written yet"
+                raise StageError(
+                    f"loss became {loss} at step {self.step + 1}; stopped ({where}); "
+                    "lower --lr, raise --warmup-steps or use --precision fp32, then rerun to resume"
+                )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens += tokens
+            self.elapsed += dt
+            window_tokens += tokens
+            window_time += dt
+            stop = self._stop_reason()
+            if self.dist.enabled and cfg.time_budget:  # every rank must stop at the same step
+                flag = torch.tensor([1.0 if stop else 0.0])
+                self.dist.all_reduce_max(flag)
+                if flag.item() and stop is None:
+                    stop = "time_budget"
+            do_eval = cfg.eval_every and self.step % cfg.eval_every == 0 and stop is None
+            rec: dict[str, Any] | None = None
+            if self.step % max(cfg.log_every, 1) == 0 or self.step == 1 or stop or do_eval:
+                tps = window_tokens / window_time if window_time > 0 else 0.0
+                mfu = tps * self.flops_per_token / self.peak if self.peak else None
+                rec = {
+                    "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                    "tokens_per_s": round(tps, 2), "mfu": None if mfu is None else round(mfu, 5),
+                    "elapsed": round(self.elapsed, 3), **metrics,
+                }
+                window_tokens, window_time = 0, 0.0
+            if do_eval:
+                t_eval = time.perf_counter()
+                last_val = self._evaluate(full=False)
+                self.elapsed += time.perf_counter() - t_eval
+                if rec is not None:
+                    rec.update(last_val)
+            if rec is not None:
+                self._log(rec)
+                if self.dist.is_main:
+                    val = "".join(f" {k} {v:.4f}" for k, v in last_val.items()) if do_eval else ""
+                    mfu_s = f" mfu {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
+                    console.print(
+                        f"{self.title} step {self.step:,} tokens {self.tokens:,} loss {loss:.4f} lr {lr:.2e} "
+                        f"gnorm {gnorm:.3f} {rec['tokens_per_s']:,.0f} tok/s{mfu_s}{val}"
+                    )
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None:
+                t_ck = time.perf_counter()
+                self.save()
+                self.elapsed += time.perf_counter() - t_ck
+        final_val = self._evaluate(full=True)
+        if final_val:
+            final_rec = {"step": self.step, "tokens": self.tokens, "final": True, **final_val}
+            self._log(final_rec)
+        self.save()
+        if self.dist.is_main:
+            self.plot()
+        return {
+            "steps": self.step,
+            "tokens_seen": self.tokens,
+            "stop_reason": stop,
+            "train_seconds": round(self.elapsed, 3),
+            "precision": self.precision,
+            "final_eval": final_val,
+            "peak_memory_bytes": peak_memory(self.device),
+            "peak_flops": self.peak,
+            "resumed_from_step": resumed_at,
+            **self._speed(),
+        }
+
+    def _speed(self) -> dict[str, Any]:
+        """Median tokens/s and MFU over the logged steps (the first logged step includes warm-up)."""
+        recs = read_metrics(self.work / METRICS)
+        tps = sorted(r["tokens_per_s"] for r in recs if r.get("tokens_per_s") and r["step"] > 1)
+        if not tps:
+            tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+        if not tps:
+            return {"tokens_per_s": None, "mfu": None}
+        med = tps[len(tps) // 2]
+        mfu = med * self.flops_per_token / self.peak if self.peak else None
+        return {"tokens_per_s": round(med, 2), "mfu": None if mfu is None else round(mfu, 5)}
+
+    def plot(self) -> None:
+        plot_metrics(self.work / METRICS, self.work / PLOT, title=self.title)
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def plot_metrics(metrics: Path, png: Path, title: str = "train") -> None:
+    """Train loss (and val loss where evaluated) against tokens seen, to a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics)
+    train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", lw=1.5)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(png).with_name(f".{Path(png).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)

@@ -1,0 +1,210 @@
+"""llmctl pretrain end to end on a real tiny token artifact: layout, resume after kill -9, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_llmctl
+
+# one thread per process: bit-for-bit reproducible CPU runs, and kind to the shared 2-core machine
+ENV = {"OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200"}
+TINY = [
+    "--preset", "nano", "--n-layer", "2", "--d-model", "32", "--n-head", "2", "--seq-len", "32",
+    "--micro-batch", "4", "--warmup-steps", "2", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu",
+]
+
+
+def _text(n_paragraphs: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = "the of and to in a is that for it as was with be by on not he I this are or his from".split()
+    paras = []
+    for _ in range(n_paragraphs):
+        paras.append(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + ".")
+    return "\n\n".join(paras) + "\n"
+
+
+def _tokens(root: Path, name: str, text: str, tok: Path | None, vocab: int = 300) -> tuple[Path, Path]:
+    src = root / f"{name}.txt"
+    src.write_text(text, encoding="utf-8")
+    if tok is None:
+        tok = root / f"{name}-tok"
+        r = run_llmctl("tokenize", "train", src, "--vocab-size", vocab, "--out", tok, env=ENV)
+        assert r.code == 0, r.err
+    out = root / f"{name}-tokens"
+    r = run_llmctl("tokenize", "encode", src, "--tokenizer", tok, "--out", out, "--val-fraction", "0.1", env=ENV)
+    assert r.code == 0, r.err
+    return out, tok
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-data")
+    tokens, tok = _tokens(root, "main", _text(400, 0), None)
+    anneal, _ = _tokens(root, "hq", _text(100, 1), tok)
+    other, _ = _tokens(root, "other", _text(100, 2), None, vocab=320)
+    return {"tokens": tokens, "anneal": anneal, "other": other, "root": root}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
+
+
+def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["pretrain", data["tokens"], "--out", run, *TINY, "--max-steps", "24", "--global-batch-tokens", "256",
+            "--log-every", "4", "--eval-every", "8", "--eval-batches", "2", "--checkpoint-every", "8",
+            "--keep-checkpoints", "2", "--schedule", "wsd", "--optimizer", "muon",
+            "--anneal-tokens", data["anneal"], "--anneal-fraction", "0.25"]
+    r = run_llmctl(*args, env=ENV)
+    assert r.code == 0, r.err
+    assert "parameters" in r.err and "MFLOPs/token" in r.err
+    assert "anneal phase from step 18" in r.err  # progress 18/24 = 0.75 = 1 - 0.25
+    for f in ("config.json", "model.safetensors", "tokenizer.model", "metrics.jsonl", "loss.png", "manifest.json"):
+        assert (run / f).is_file(), f
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-0000016", "step-0000024"]  # keep last 2
+    for f in ("model.safetensors", "optimizer.pt", "rng.pt", "data.json", "trainer_state.json"):
+        assert (run / "checkpoints" / "step-0000024" / f).is_file()
+    data_state = json.loads((run / "checkpoints" / "step-0000024" / "data.json").read_text())
+    assert data_state["annealing"] is True and data_state["anneal"]["step"] == 6 and data_state["main"]["step"] == 18
+
+    m = json.loads((run / "manifest.json").read_text())
+    s = m["stats"]
+    assert s["steps"] == 24 and s["tokens_seen"] == 24 * 256 and s["stop_reason"] == "max_steps"
+    assert s["accum_steps"] == 2 and s["global_batch_tokens"] == 256
+    for k in ("non_embedding_params", "total_params", "final_val_loss", "final_val_bpb", "tokens_per_s", "mfu",
+              "peak_memory_bytes"):
+        assert s[k] is not None and s[k] > 0, k
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["d_model"] == 32 and cfg["model"]["vocab_size"] == 300
+    for k in ("lr", "schedule", "optimizer", "precision", "compile", "max_tokens", "time_budget", "anneal_fraction",
+              "micro_batch", "global_batch_tokens", "seed", "grad_clip"):
+        assert k in cfg["train"], k
+    assert m["params"] == cfg["train"]
+
+    recs = _metrics(run)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 4, 8, 12, 16, 20, 24]
+    for r in steps:
+        assert {"tokens", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(r)
+    assert [r["step"] for r in recs if "val_loss" in r and not r.get("final")] == [8, 16]
+    final = recs[-1]
+    assert final["final"] and final["val_loss"] == pytest.approx(s["final_val_loss"])
+    # learning: well below the uniform distribution's ln(300) = 5.70
+    assert s["final_val_loss"] < 5.0 and steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    # bpb = nats/token × (val_tokens − 1)/val_bytes / ln 2, from the token manifest
+    tm = json.loads((data["tokens"] / "manifest.json").read_text())
+    v = tm["splits"]["val"]
+    import math
+
+    assert s["final_val_bpb"] == pytest.approx(s["final_val_loss"] * (v["tokens"] - 1) / v["bytes"] / math.log(2), rel=1e-5)
+
+    r2 = run_llmctl(*args, env=ENV)
+    assert r2.code == 0 and "already complete" in r2.err
+
+
+def test_kill_9_then_rerun_gives_the_same_loss_curve(data, tmp_path):
+    common = ["pretrain", data["tokens"], *TINY, "--max-steps", "30", "--log-every", "1", "--checkpoint-every", "3"]
+    ref = tmp_path / "ref"
+    r = run_llmctl(*common, "--out", ref, env=ENV)
+    assert r.code == 0, r.err
+
+    run = tmp_path / "run"
+    work = tmp_path / ".run.tmp-pretrain"
+    env = {**os.environ, **ENV}
+    p = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, common), "--out", str(run)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (work / "checkpoints" / "step-0000009").is_dir():
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not run.exists() and work.is_dir()
+
+    r = run_llmctl(*common, "--out", run, env=ENV)
+    assert r.code == 0, r.err
+    assert "resumed from checkpoint step" in r.err
+    a, b = _losses(ref), _losses(run)
+    assert sorted(a) == list(range(1, 31)) and sorted(b) == sorted(a)
+    assert a == b  # bit-for-bit the same curve
+    ma = json.loads((ref / "manifest.json").read_text())["stats"]
+    mb = json.loads((run / "manifest.json").read_text())["stats"]
+    assert ma["final_val_loss"] == mb["final_val_loss"] and mb["resumed_from_step"] >= 9
+
+
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path):
+    common = ["pretrain", data["tokens"], *TINY, "--max-steps", "6", "--log-every", "1",
+              "--global-batch-tokens", "256"]
+    one = tmp_path / "one"
+    r = run_llmctl(*common, "--out", one, env=ENV)
+    assert r.code == 0, r.err
+    two = tmp_path / "two"
+    env = {**os.environ, **ENV}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "llmctl", *map(str, common), "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    s1 = json.loads((one / "manifest.json").read_text())["stats"]
+    s2 = json.loads((two / "manifest.json").read_text())["stats"]
+    assert s1["accum_steps"] == 2 and s2["accum_steps"] == 1 and s2["world_size"] == 2
+    assert s1["tokens_seen"] == s2["tokens_seen"] == 6 * 256
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    r = run_llmctl("pretrain", data["tokens"], "--out", run, *TINY, "--lr", "1e9", "--warmup-steps", "0",
+                   "--grad-clip", "0", "--max-steps", "20", "--checkpoint-every", "1", "--log-every", "1", env=ENV)
+    assert r.code == 1, r.err
+    assert "loss became nan" in r.err or "loss became inf" in r.err
+    assert "last good checkpoint" in r.err
+    work = tmp_path / ".run.tmp-pretrain"
+    ckpts = sorted(p.name for p in (work / "checkpoints").iterdir())
+    assert ckpts and all(c.startswith("step-") for c in ckpts)
+    assert not run.exists()
+
+
+def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
+    # tokens of another tokenizer for the anneal phase
+    r = run_llmctl("pretrain", data["tokens"], "--out", tmp_path / "a", *TINY, "--max-steps", "2",
+                   "--anneal-tokens", data["other"], "--anneal-fraction", "0.5", env=ENV)
+    assert r.code == 2 and "another tokenizer" in r.err
+    # a model that cannot fit in memory: refused before allocating anything
+    t = time.time()
+    r = run_llmctl("pretrain", data["tokens"], "--out", tmp_path / "b", "--preset", "base", "--n-layer", "200",
+                   "--d-model", "16384", "--n-head", "128", "--max-steps", "1", "--device", "cpu", env=ENV)
+    assert r.code == 2 and "GiB to train" in r.err and "available" in r.err
+    assert time.time() - t < 60 and not (tmp_path / "b").exists()
+    # not a token artifact
+    r = run_llmctl("pretrain", data["root"], "--out", tmp_path / "c", "--max-steps", "1", env=ENV)
+    assert r.code == 2 and "manifest" in r.err
+    # no stopping rule
+    r = run_llmctl("pretrain", data["tokens"], "--out", tmp_path / "d", *TINY, env=ENV)
+    assert r.code == 2 and "--max-steps" in r.err
+    # a global batch that micro-batches cannot fill
+    r = run_llmctl("pretrain", data["tokens"], "--out", tmp_path / "e", *TINY, "--max-steps", "1",
+                   "--global-batch-tokens", "200", env=ENV)
+    assert r.code == 2 and "multiple of" in r.err

@@ -1,0 +1,154 @@
+"""The training loop's parts: schedules, optimizer groups (AdamW/Muon), precision, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmctl.errors import UsageError
+from llmctl.model import ModelConfig, Transformer, lm_loss
+from llmctl.train import checkpoint as ckpt
+from llmctl.train.loop import check_memory, estimate_train_memory
+from llmctl.train.optim import build_optimizers, set_lr
+from llmctl.train.precision import autocast, make_scaler, resolve_precision
+from llmctl.train.schedule import lr_factor
+
+
+def test_schedules_warmup_cosine_and_wsd():
+    kw = dict(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 0.0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, 0.09, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(50, 0.5, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(100, 1.0, schedule="cosine", **kw) == pytest.approx(0.1)
+    w = dict(kw, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(20, 0.5, **w) == 1.0 and lr_factor(79, 0.79, **w) == 1.0
+    assert lr_factor(90, 0.9, **w) == pytest.approx(0.55)  # halfway down the linear warmdown
+    assert lr_factor(100, 1.0, **w) == pytest.approx(0.1)
+    with pytest.raises(UsageError):
+        lr_factor(0, 0.0, schedule="linear")
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=32, **kw))
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest_and_both_learn():
+    m = _model(tie_embeddings=False)
+    muon, adamw = build_optimizers(m.named_parameters(), optimizer="muon", lr=0.02)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in m.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert all(".self_attn." in n or ".mlp." in n for n in muon_names) and len(muon_names) == 2 * 7
+    assert {"embed_tokens.weight", "lm_head.weight", "norm.weight"} <= adamw_names
+    assert not any(p.ndim == 1 for g in muon.param_groups for p in g["params"])
+    no_decay = [g for g in adamw.param_groups if g["weight_decay"] == 0.0]
+    assert all(p.ndim == 1 for g in no_decay for p in g["params"])
+    assert set_lr([muon, adamw], 0.5) == pytest.approx(0.01)
+
+    torch.manual_seed(1)
+    x = torch.randint(0, 64, (8, 17))
+    losses = []
+    for _ in range(15):
+        loss = lm_loss(m(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        for o in (muon, adamw):
+            o.step()
+            o.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_weights(precision):
+    dev = torch.device("cpu")
+    assert resolve_precision(precision, dev) == precision
+    m = _model()
+    (opt,) = build_optimizers(m.named_parameters(), lr=1e-2)
+    scaler = make_scaler(dev, precision)
+    assert (scaler is not None) == (precision == "fp16")
+    x = torch.randint(0, 64, (2, 9))
+    with autocast(dev, precision):
+        logits = m(x[:, :-1])
+    assert logits.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    loss = lm_loss(logits, x[:, 1:])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    with pytest.raises(UsageError):
+        resolve_precision("fp8", dev)
+
+
+def _save(root, step, m, opt):
+    return ckpt.save_checkpoint(root, step, module=m, optimizers=[opt], scaler=None, data_state={"step": step},
+                                trainer_state={"tokens": step * 10, "elapsed": 1.0}, rng_states=[ckpt.rng_state()],
+                                keep=2)
+
+
+def test_interrupted_checkpoint_write_never_corrupts_the_previous_one(tmp_path, monkeypatch):
+    m = _model()
+    (opt,) = build_optimizers(m.named_parameters(), lr=1e-2)
+    root = tmp_path / "checkpoints"
+    _save(root, 1, m, opt)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)  # dies after model.safetensors, before the rest
+    with pytest.raises(OSError):
+        _save(root, 2, m, opt)
+    monkeypatch.undo()
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [1]
+    assert (root / ".step-0000002.tmp").is_dir()  # the half-written one, invisible to readers
+    ckpt.clean_stale(root)
+    assert not (root / ".step-0000002.tmp").exists()
+    state, data = ckpt.load_checkpoint(root / "step-0000001", module=m, optimizers=[opt], scaler=None)
+    assert state["step"] == 1 and data == {"step": 1}
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    # keep last K
+    for s in (2, 3, 4):
+        _save(root, s, m, opt)
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [3, 4]
+
+
+def test_rng_state_round_trips_and_newer_checkpoint_format_is_refused(tmp_path):
+    import random
+
+    import numpy as np
+
+    m = _model()
+    (opt,) = build_optimizers(m.named_parameters(), lr=1e-2)
+    d = _save(tmp_path, 5, m, opt)
+    a = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt.load_checkpoint(d, module=m, optimizers=[opt], scaler=None)
+    b = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    st = json.loads((d / "trainer_state.json").read_text())
+    st["format"] = 99
+    (d / "trainer_state.json").write_text(json.dumps(st))
+    with pytest.raises(UsageError, match="newer llmctl"):
+        ckpt.load_checkpoint(d, module=m, optimizers=[opt], scaler=None)
+
+
+def test_memory_estimate_counts_adam_states_and_refuses_what_does_not_fit():
+    cfg = ModelConfig(vocab_size=32000, n_layer=12, n_head=12, d_model=768, max_seq_len=1024)
+    est = estimate_train_memory(cfg, micro_batch=8, seq_len=1024)
+    p = cfg.total_params()
+    assert est["weights"] == 4 * p and est["optimizer"] == 8 * p and est["activations"] > 8 * 1024 * 32000 * 4
+    muon = estimate_train_memory(cfg, micro_batch=8, seq_len=1024, optimizer="muon")
+    assert muon["optimizer"] < est["optimizer"]
+    check_memory(est, available=10 * est["total"])
+    with pytest.raises(UsageError, match="GiB to train"):
+        check_memory(est, available=est["total"] // 2)
