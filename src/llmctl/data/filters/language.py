@@ -1,0 +1,38 @@
+"""Keep documents in the chosen languages, above a language-ID score (extract's columns).
+
+The extract stage writes ``language`` (an ISO 639-1 code from py3langid) and ``language_score``
+(its probability). FineWeb keeps English with score ≥ 0.65; that is our default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import Doc, Filter, FilterParams
+
+
+@dataclass
+class LanguageParams(FilterParams):
+    """Languages to keep and the minimum language score (FineWeb: en, 0.65)."""
+
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    min_score: float | None = 0.65
+
+
+class LanguageFilter(Filter):
+    family = "language"
+    Params = LanguageParams
+    needs_columns = ("language", "language_score")
+
+    def __init__(self, params: LanguageParams):
+        super().__init__(params)
+        self._keep = frozenset(x.lower() for x in params.languages)
+
+    def apply(self, doc: Doc) -> str | None:
+        lang = (doc.meta.get("language") or "").lower()
+        if self._keep and lang not in self._keep:
+            return "other_language"
+        score = doc.meta.get("language_score")
+        if self.params.min_score is not None and (score is None or score < self.params.min_score):
+            return "low_language_score"
+        return None
