@@ -402,6 +402,7 @@ def config_from_hf(c: dict[str, Any], where: Path) -> ModelConfig:
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         qk_norm=mt == "qwen3",
         tie_embeddings=bool(c.get("tie_word_embeddings", mt != "llama")),
+        init_std=float(c.get("initializer_range", 0.02)),
     )
 
 
