@@ -175,6 +175,8 @@ def _params_of(cfg: PretrainConfig) -> dict[str, Any]:
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume) and publish the run; return its manifest."""
+    if not (cfg.max_steps or cfg.max_tokens or cfg.time_budget):
+        raise UsageError("no stopping rule: give --max-steps, --max-tokens or --time-budget")
     tokens = TokenArtifact(cfg.tokens)
     anneal = None
     if cfg.anneal_tokens is not None:
