@@ -14,6 +14,7 @@ import io
 import os
 import pydoc
 import random
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -119,6 +120,12 @@ def generate_site(dest: Path, n_pages: int = 2000, links_per_page: int = 12, see
 class _QuietHandler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real server would
 
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in separate writes: without this, Nagle + delayed ACK add
+        # ~40 ms to every keep-alive request of a sequential client such as wget
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, *args) -> None:
         pass
 
@@ -138,9 +145,37 @@ def serve(root: Path, port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
         server.server_close()
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    import socket
+@contextlib.contextmanager
+def serve_processes(root: Path, workers: int = 2, port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``root`` from ``workers`` forked processes sharing one listening socket, as a
+    production server's worker processes do (one Python process serves one request at a time
+    per core, whatever its threads). Yield the base URL; the workers are stopped on exit."""
+    import signal
 
+    handler = partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker: serve until terminated
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            try:
+                server.serve_forever()
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        server.server_close()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -273,6 +273,10 @@ def test_scope_depth_pages_and_regexes(site, tmp_path):
     assert "/" in got and "/a.html" in got and "/private/secret.html" in got  # robots off
     assert not any(("loop" in p or "redir" in p or "busy" in p) for p in got)
     site.log.clear()
+    m = run(CrawlConfig(seeds=[b + "/"], out=tmp_path / "all", allow_private=True, delay=0, robots=False, max_depth=1,
+                        content_types=["*/*"], deny=["busy|flaky"]))
+    assert m["stats"]["skipped"] == {} and ("response", f"{b}/file.bin", "200", False) in read_warcs(tmp_path / "all")
+    site.log.clear()
     m = run(CrawlConfig(seeds=[b + "/"], out=tmp_path / "cap", allow_private=True, delay=0, robots=False, max_pages=3))
     assert m["stats"]["pages"] + sum(m["stats"]["skipped"].values()) == 3 and len(site.log) <= 4
 

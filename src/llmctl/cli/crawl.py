@@ -36,7 +36,7 @@ def crawl_cmd(
     ] = 10 * 1024 * 1024,
     content_type: Annotated[
         list[str] | None,
-        typer.Option("--content-type", help="MIME types of 2xx responses to keep (repeatable); default text/html and XHTML."),
+        typer.Option("--content-type", help="MIME types of 2xx responses to keep (repeatable; text/* or */* allowed); default text/html and XHTML."),
     ] = None,
     user_agent: Annotated[str, typer.Option("--user-agent", help="User-Agent sent and matched against robots.txt.")] = (
         "llmctl-crawler/0.1.0 (+https://github.com/llmctl/llmctl)"

@@ -340,7 +340,8 @@ class Crawler:
         status = e.get("status")
         if status is not None and 200 <= status < 300:
             host.robots = Robots.parse(e.get("body", ""), self.cfg.user_agent)
-        elif status is not None and 400 <= status < 500:
+        elif status is not None and (400 <= status < 500 or 300 <= status < 400):
+            # 4xx: no robots.txt; a redirect chain longer than five hops counts as unavailable too
             host.robots = Robots.allowing_all()
         else:
             host.robots = Robots.disallowing_all()
@@ -436,6 +437,10 @@ class Crawler:
         if self.pending <= 0 and not any(h.task for h in self.hosts.values()):
             self.idle.set()
 
+    def _keep(self, content_type: str) -> bool:
+        mime = _mime(content_type)
+        return mime in self.keep_types or "*/*" in self.keep_types or f"{mime.split('/')[0]}/*" in self.keep_types
+
     # -- fetching -------------------------------------------------------------------------------
     async def _fetch(self, url: str, keep_any: bool, attempt_last: bool) -> Exchange | _Skip:
         assert self.session is not None
@@ -452,7 +457,7 @@ class Crawler:
                 if status in RETRY_STATUSES and not attempt_last:
                     raise _Failure(f"http-{status}", True, _retry_after(resp.headers.get("Retry-After")))
                 ctype = resp.headers.get("Content-Type", "")
-                if not keep_any and 200 <= status < 300 and _mime(ctype) not in self.keep_types:
+                if not keep_any and 200 <= status < 300 and not self._keep(ctype):
                     return _Skip("content-type", _mime(ctype) or "none", status)
                 body, truncated = await self._read_body(resp)
                 ri = resp.request_info
@@ -471,6 +476,8 @@ class Crawler:
                 )
         except _Failure:
             raise
+        except aiohttp.ClientSSLError as e:
+            raise _Failure("tls-error", False) from e
         except aiohttp.ClientConnectorError as e:
             if isinstance(getattr(e, "os_error", None), PrivateAddressError):
                 raise _Failure("private-address", False) from e

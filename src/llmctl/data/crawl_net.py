@@ -12,6 +12,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from aiohttp import ThreadedResolver
@@ -61,17 +62,34 @@ def _remove_dot_segments(path: str) -> str:
     return result if result.startswith("/") else "/" + result
 
 
+_ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 def normalize_url(url: str, base: str | None = None) -> str | None:
     """The canonical spelling of an http(s) URL, or None if it is not one we can fetch.
 
     Lower-case scheme and host (IDNA for non-ASCII hosts), default port and fragment dropped, dot
     segments resolved, percent-escapes canonical (unreserved characters decoded, hex upper-case),
-    empty path → '/'. The query is kept as written: its order can matter to the server.
+    empty path → '/'. The query is kept as written: its order can matter to the server. Relative
+    references are resolved against ``base`` (itself already normalised).
     """
-    url = _STRIP.sub("", url.strip())
+    url = url.strip()
+    if "\t" in url or "\n" in url or "\r" in url:
+        url = _STRIP.sub("", url)
+    if base is not None and not _ABSOLUTE.match(url):
+        if url.startswith("/") and not url.startswith("//"):
+            url = origin(base) + url  # the common case, without urljoin's cost
+        else:
+            try:
+                url = urljoin(base, url)
+            except ValueError:
+                return None
+    return _normalize_absolute(url)
+
+
+@lru_cache(maxsize=1 << 17)
+def _normalize_absolute(url: str) -> str | None:
     try:
-        if base is not None:
-            url = urljoin(base, url)
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORT:
@@ -97,9 +115,14 @@ def normalize_url(url: str, base: str | None = None) -> str | None:
 
 
 def origin(url: str) -> str:
-    """scheme://host[:port] — the unit of politeness, robots.txt and concurrency."""
-    p = urlsplit(url)
-    return f"{p.scheme}://{p.netloc}"
+    """scheme://host[:port] of a normalised URL: the unit of politeness, robots.txt and concurrency."""
+    i = url.find("/", url.find("//") + 2)
+    return url if i < 0 else url[:i]
+
+
+@lru_cache(maxsize=1 << 14)
+def _origin_host(org: str) -> str:
+    return (urlsplit(org).hostname or "").lower()
 
 
 # -- scope --------------------------------------------------------------------------------------
@@ -124,8 +147,8 @@ class Scope:
         self.domains.add(registered_domain(host))
 
     def reason_out(self, url: str) -> str | None:
-        """None if ``url`` is in scope, otherwise the reason it is not."""
-        host = (urlsplit(url).hostname or "").lower()
+        """None if ``url`` (normalised) is in scope, otherwise the reason it is not."""
+        host = _origin_host(origin(url))
         if self.mode == "host" and host not in self.hosts:
             return "off-host"
         if self.mode == "domain" and registered_domain(host) not in self.domains:
@@ -215,30 +238,47 @@ def html_charset(content_type: str, body: bytes) -> str:
     return enc or "utf-8"
 
 
+@lru_cache(maxsize=64)
+def _parser(encoding: str):
+    from lxml import html as lhtml
+
+    return lhtml.HTMLParser(encoding=encoding)
+
+
+@lru_cache(maxsize=1)
+def _xpaths():
+    from lxml import etree
+
+    return (
+        etree.XPath("//a/@href | //area/@href | //frame/@src | //iframe/@src"),
+        etree.XPath("//base/@href"),
+        etree.XPath("//meta[translate(@name,'ROBTS','robts')='robots']/@content"),
+    )
+
+
 def extract_links(body: bytes, url: str, content_type: str) -> tuple[list[str], bool]:
     """Normalised, de-duplicated outlinks of an HTML page in document order, and whether the page
     asks robots not to follow its links (<meta name=robots content=nofollow>)."""
-    import lxml.html  # noqa: PLC0415 - a heavy import only pages need
-    from lxml.etree import ParserError  # noqa: PLC0415
+    from lxml import etree
+    from lxml import html as lhtml
 
-    text = body.decode(html_charset(content_type, body), errors="replace")
-    if not text.strip():
+    if not body.strip():
         return [], False
     try:
-        doc = lxml.html.document_fromstring(text)
-    except (ParserError, ValueError):
+        doc = lhtml.document_fromstring(body, parser=_parser(html_charset(content_type, body)))
+    except (etree.ParserError, ValueError, LookupError):
         return [], False
-    nofollow = any(
-        "nofollow" in (c or "").lower() or "none" in (c or "").lower()
-        for c in doc.xpath("//meta[translate(@name,'ROBTS','robts')='robots']/@content")
-    )
-    if nofollow:
-        return [], True
+    links_xp, base_xp, robots_xp = _xpaths()
+    if b"obots" in body or b"OBOTS" in body:
+        for c in robots_xp(doc):
+            c = (c or "").lower()
+            if "nofollow" in c or "none" in c:
+                return [], True
     base = url
-    for href in doc.xpath("//base/@href")[:1]:
+    for href in base_xp(doc)[:1]:
         base = normalize_url(href, url) or url
     seen: dict[str, None] = {}
-    for href in doc.xpath("//a/@href | //area/@href | //frame/@src | //iframe/@src"):
+    for href in links_xp(doc):
         n = normalize_url(href, base)
         if n is not None and n not in seen:
             seen[n] = None

@@ -11,6 +11,8 @@ a warcinfo record and holds one record per gzip member (warcio's ``WARCWriter``)
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import uuid
@@ -39,7 +41,15 @@ def shard_file(index: int) -> str:
 
 
 def warc_date(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """WARC/1.1 date with microseconds, e.g. 2026-01-02T03:04:05.123456Z."""
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _sha1(*parts: bytes) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p)
+    return "sha1:" + base64.b32encode(h.digest()).decode("ascii")
 
 
 @dataclass
@@ -191,15 +201,30 @@ class WarcStore:
         common = {"WARC-Date": date, "WARC-Warcinfo-ID": self._warcinfo_id}
         if ex.ip:
             common["WARC-IP-Address"] = ex.ip
+        # digests computed here in one pass (warcio would re-read each record's stream twice);
+        # the block is exactly the HTTP header bytes warcio writes followed by the payload
+        req_http = StatusAndHeaders(ex.request_line, ex.request_headers, is_http_request=True)
+        req_http.compute_headers_buffer()
+        empty = _sha1(b"")
         req = w.create_warc_record(
             ex.url,
             "request",
             payload=BytesIO(b""),
             length=0,
-            http_headers=StatusAndHeaders(ex.request_line, ex.request_headers, is_http_request=True),
-            warc_headers_dict={**common, "WARC-Concurrent-To": resp_id},
+            http_headers=req_http,
+            warc_headers_dict={
+                **common, "WARC-Concurrent-To": resp_id,
+                "WARC-Block-Digest": _sha1(req_http.headers_buff), "WARC-Payload-Digest": empty,
+            },
         )
-        resp_headers = {**common, "WARC-Record-ID": resp_id}
+        resp_http = StatusAndHeaders(
+            f"{ex.status} {ex.reason}".strip(), stored_headers(ex.headers, len(ex.body)), protocol=ex.protocol
+        )
+        resp_http.compute_headers_buffer()
+        resp_headers = {
+            **common, "WARC-Record-ID": resp_id,
+            "WARC-Block-Digest": _sha1(resp_http.headers_buff, ex.body), "WARC-Payload-Digest": _sha1(ex.body),
+        }
         if ex.truncated:
             resp_headers["WARC-Truncated"] = "length"
         resp = w.create_warc_record(
@@ -207,9 +232,7 @@ class WarcStore:
             "response",
             payload=BytesIO(ex.body),
             length=len(ex.body),
-            http_headers=StatusAndHeaders(
-                f"{ex.status} {ex.reason}".strip(), stored_headers(ex.headers, len(ex.body)), protocol=ex.protocol
-            ),
+            http_headers=resp_http,
             warc_headers_dict=resp_headers,
         )
         return [req, resp]
