@@ -9,7 +9,8 @@ same compression as the lossless setting.
 
 Reserved ids are fixed for every llmctl tokenizer: ``unk=0, bos=1, eos=2, pad=3``, then the chat
 role markers ``<|system|>=4, <|user|>=5, <|assistant|>=6, <|end|>=7`` (user-defined symbols, so
-chat templates can be written as text), then the 256 byte-fallback pieces ``<0x00>…<0xFF>`` (ids
+chat templates can be written as text; the literal string ``<|user|>`` in a document therefore
+encodes to the marker too), then the 256 byte-fallback pieces ``<0x00>…<0xFF>`` (ids
 8…263), then the learned merges. No dummy prefix is added: a document's first word is tokenised as
 written, and encoding is a pure function of the text.
 
