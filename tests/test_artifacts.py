@@ -89,3 +89,14 @@ def test_cli_help_and_version(llmctl):
     assert r.code == 0 and r.out.startswith("llmctl ")
     r = llmctl("no-such-stage")
     assert r.code == 2
+
+
+def test_worker_count_does_not_invalidate_a_finished_or_resumable_run(tmp_path):
+    out = tmp_path / "art"
+    run = _run(out, {"a": 1, "workers": 1})
+    run.partial("s0").write_text("x")
+    run.commit("s0")
+    resumed = _run(out, {"a": 1, "workers": 2})
+    assert resumed.resumed and resumed.has("s0")
+    resumed.finish({})
+    assert _run(out, {"a": 1, "workers": 4}).done

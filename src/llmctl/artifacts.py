@@ -79,8 +79,14 @@ def fingerprint(path: Path) -> str:
     raise UsageError(f"{path}: no such file or artifact directory; check the path")
 
 
+#: options that change how a stage runs but never what it writes; they do not force a restart
+EXECUTION_ONLY = frozenset({"workers", "threads", "force", "progress"})
+
+
 def params_fingerprint(params: dict[str, Any], inputs: Sequence[dict[str, str]]) -> str:
-    blob = json.dumps({"params": params, "inputs": list(inputs)}, sort_keys=True, default=_json_default)
+    """What identifies a stage's result: its parameters (less the execution-only ones) and inputs."""
+    semantic = {k: v for k, v in params.items() if k not in EXECUTION_ONLY}
+    blob = json.dumps({"params": semantic, "inputs": list(inputs)}, sort_keys=True, default=_json_default)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
