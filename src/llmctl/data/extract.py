@@ -505,6 +505,7 @@ class _Shard:
     closed: bool = False  # the reader has passed its last record
     expected: int = 0  # documents sent to workers
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # position → row
+    next_pos: int = 0
     resolved: int = 0
     stats: dict[str, Any] = field(default_factory=_new_stats)
 
@@ -591,9 +592,7 @@ def run(cfg: ExtractConfig, progress=None) -> dict[str, Any]:
         raise UsageError("--batch-size must be ≥ 1")
     files = resolve_inputs(cfg.inputs)
     chosen = _select(files, cfg.shard)
-    params = asdict(cfg)
-    params.pop("force")
-    params.pop("out")
+    params = asdict(cfg)  # every option; artifacts leaves workers/force out of the run's identity
     params["inputs"] = [str(f) for f in files]
     runner = StageRun.open(Path(cfg.out), STAGE, params, [f for _, f in chosen], force=cfg.force)
     if runner.done:
@@ -791,7 +790,8 @@ def _read_file(runner, cfg, file_index, path, label, counters, per_file, shards,
             "warc_file": label,
             "warc_offset": rec.offset,
         }
-        pos = len(sh.rows)
+        pos = sh.next_pos
+        sh.next_pos += 1
         sh.rows[pos] = row
         yield "doc", sh, pos, payload
     # end of file: close the open chunk (an empty file of records still gets one, marked last)

@@ -135,7 +135,8 @@ class _Stream:
         self._file_pos += len(data)
         return data
 
-    def _compact(self) -> None:
+    def compact(self) -> None:
+        """Drop consumed bytes; only between records, when no caller holds buffer indexes."""
         if self.pos > (1 << 20) and self.pos > len(self.buf) // 2:
             del self.buf[: self.pos]
             self.base += self.pos
@@ -147,7 +148,6 @@ class _Stream:
         """Append decompressed bytes to the buffer; False at the end of the file."""
         if self.eof:
             return False
-        self._compact()
         if not self.gz:
             data = self._read_file()
             if not data:
@@ -419,6 +419,7 @@ def _drain(s: _Stream) -> Iterator[Problem]:
 
 def _next_record(s: _Stream, index: int, max_block: int) -> tuple[str, Record | None, int]:
     """("record", rec, offset), ("end", None, offset), or ("junk", None, offset) for skipped bytes."""
+    s.compact()
     while True:  # skip blank lines between records
         start = s.tell()
         line = s.readline()
