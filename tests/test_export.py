@@ -13,7 +13,7 @@ from test_generate import EXTRA_TEXT, PROMPTS, make_run, train_tokenizer
 
 from llmctl.errors import UsageError
 from llmctl.model.generate import GenerateConfig, SentencePieceTokenizer, generate, run_generate
-from llmctl.model.hf import ExportConfig, build_hf_tokenizer, export_hf, load_hf
+from llmctl.model.hf import ExportConfig, HFTokenizer, build_hf_tokenizer, export_hf, load_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,7 +129,9 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
     assert hf_tok.pad_token_id == tok.pad_id
 
-    back = load_hf(hf_dir)[1]
+    assert isinstance(load_hf(hf_dir)[1], SentencePieceTokenizer)  # our export: the run's own model
+    c = json.loads((hf_dir / "config.json").read_text())
+    back = HFTokenizer(hf_dir / "tokenizer.json", c["bos_token_id"], c["eos_token_id"], c["pad_token_id"])
     for t in texts:
         assert back.encode(t) == tok.encode(t)
         assert back.decode(back.encode(t)) == tok.decode(tok.encode(t))
@@ -208,3 +210,37 @@ def test_bf16_export_loads_in_bf16(exported, tmp_path):
     ids = torch.randint(0, model.cfg.vocab_size, (1, 32))
     with torch.no_grad():
         assert (back(ids) - model(ids)).abs().max().item() < 0.5  # bf16 rounding of the weights only
+
+
+def test_real_pipeline_tokenize_pretrain_export(tmp_path, spm_model, tok):
+    """The stages as a user runs them: encode real text with the trained tokenizer, pretrain a
+    Qwen3-style model (QK-norm, GQA, untied) for a few steps, export, compare with transformers."""
+    from llmctl.tokenizer import EncodeConfig, encode
+    from llmctl.train.pretrain import PretrainConfig, run
+
+    corpus = spm_model.parent.parent / f"{spm_model.parent.name}-corpus.txt"
+    encode(EncodeConfig(docs=[str(corpus)], tokenizer=str(spm_model.parent), out=str(tmp_path / "tokens"),
+                        val_fraction=0.1, threads=1))
+    run(PretrainConfig(
+        tokens=tmp_path / "tokens", out=tmp_path / "run", preset="nano", n_layer=2, n_head=4, n_kv_head=2,
+        d_model=64, seq_len=64, qk_norm=True, tie_embeddings=False, micro_batch=4, max_steps=12,
+        warmup_steps=2, lr=1e-2, device="cpu", precision="fp32", log_every=6,
+    ))
+    export_hf(ExportConfig(run=tmp_path / "run", out=tmp_path / "hf"))
+    from llmctl.model.io import load_model
+
+    model, _ = load_model(tmp_path / "run")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    text = TEXTS[3] + TEXTS[6]
+    ids = hf_tok(text, return_tensors="pt")["input_ids"]
+    assert 20 < ids.shape[1] <= 64
+    assert ids[0].tolist() == [tok.bos_id, *tok.encode(text)]
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    mine = generate(model, tok, ["def "], temperature=0, max_new_tokens=12)[0]
+    enc = torch.tensor([mine.prompt_ids])
+    out = hf.generate(enc, attention_mask=torch.ones_like(enc), max_new_tokens=len(mine.token_ids),
+                      do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    assert out[0, enc.shape[1]:].tolist() == mine.token_ids

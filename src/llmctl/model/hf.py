@@ -8,7 +8,9 @@ model uses QK-norm) ``config.json``, ``model.safetensors`` with transformers' pa
 BPE merges ranked by the merged piece's score, byte fallback stays on, user-defined symbols (chat
 markers) become added tokens, and the dummy "▁" prefix is prepended only when the sentencepiece
 model was trained with ``add_dummy_prefix``. ``tokenizer.model`` is copied too (llama.cpp's
-converter reads it). ``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the
+converter reads it). One known difference, in decoding only: a run of byte pieces that is not valid
+UTF-8 (which only a model can produce) decodes in ``tokenizers`` to one U+FFFD per byte, where
+sentencepiece keeps the valid bytes of the run. ``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the
 same shape) back into our :class:`Transformer` with a tokenizer adapter.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import StageRun, read_manifest, write_json_atomic
+from ..artifacts import MANIFEST, StageRun, read_manifest, write_json_atomic
 from ..console import console
 from ..errors import StageError, UsageError
 from .config import ModelConfig
@@ -429,8 +431,13 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[Trans
     )
     if missing or unexpected:
         raise UsageError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if (path / "tokenizer.json").is_file():
-        tok: TextTokenizer = HFTokenizer(
+    ours = (path / MANIFEST).is_file() and json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("stage") == "export"
+    if ours and (path / TOKENIZER).is_file():
+        # our own export: the run's sentencepiece model itself (same ids; and the same text for
+        # invalid UTF-8 byte runs, which tokenizers' ByteFallback decodes to one U+FFFD per byte)
+        tok: TextTokenizer = SentencePieceTokenizer(path / TOKENIZER)
+    elif (path / "tokenizer.json").is_file():
+        tok = HFTokenizer(
             path / "tokenizer.json", c.get("bos_token_id"), c.get("eos_token_id"), c.get("pad_token_id")
         )
     elif (path / TOKENIZER).is_file():
