@@ -49,7 +49,7 @@ def _load_filter_config(ctx: typer.Context, param: Any, value: Path | None) -> P
         k = key.replace("-", "_")
         if isinstance(v, dict):
             if k not in REGISTRY:
-                raise UsageError(f"{value}: unknown filter table [{key}]; filters are {', '.join(REGISTRY)}")
+                raise UsageError(f"{value}: unknown filter table '{key}'; filters are {', '.join(REGISTRY)}")
             tables[k] = v
             continue
         if k not in known or getattr(known[k], "param_type_name", "") == "argument":

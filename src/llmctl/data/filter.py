@@ -82,9 +82,12 @@ def build_chain(cfg: FilterConfig) -> tuple[list[Filter], dict[str, dict[str, An
 
 @dataclass
 class Unit:
+    """Rows [start, start + rows) of one input shard, read from the row groups that hold them."""
+
     index: int
     shard: str
     row_groups: list[int]
+    skip: int  # rows to skip at the start of the first row group
     rows: int
 
 
@@ -95,17 +98,31 @@ def plan_units(shards: list[Path], unit_rows: int) -> list[Unit]:
             md = pq.ParquetFile(s).metadata
         except (OSError, pa.ArrowInvalid) as e:
             raise UsageError(f"{s}: not a readable Parquet file ({e}); rerun the stage that wrote it") from e
-        groups: list[int] = []
-        rows = 0
+        bounds = [0]
         for g in range(md.num_row_groups):
-            groups.append(g)
-            rows += md.row_group(g).num_rows
-            if rows >= unit_rows:
-                units.append(Unit(len(units), str(s), groups, rows))
-                groups, rows = [], 0
-        if groups:
-            units.append(Unit(len(units), str(s), groups, rows))
+            bounds.append(bounds[-1] + md.row_group(g).num_rows)
+        total = bounds[-1]
+        for start in range(0, total, unit_rows):
+            end = min(total, start + unit_rows)
+            groups = [g for g in range(md.num_row_groups) if bounds[g] < end and bounds[g + 1] > start]
+            units.append(Unit(len(units), str(s), groups, start - bounds[groups[0]], end - start))
     return units
+
+
+def _unit_batches(unit: Unit, batch_rows: int):
+    """The unit's rows as record batches of at most ``batch_rows``."""
+    pf = pq.ParquetFile(unit.shard)
+    skip, left = unit.skip, unit.rows
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=unit.row_groups):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch = batch.slice(skip, min(left, batch.num_rows - skip))
+        skip = 0
+        left -= batch.num_rows
+        yield batch
+        if left <= 0:
+            break
 
 
 def _out_schema(in_schema: pa.Schema, chain: list[Filter]) -> pa.Schema:
@@ -153,7 +170,7 @@ def _process_unit(args: tuple[Unit, StageRun, StageRun | None, int]) -> dict[str
     produced = {c for f in chain for c in f.adds_columns}
     meta_cols = [n for n in in_schema.names if n not in ("id", "url", "text")]
 
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=unit.row_groups):
+    for batch in _unit_batches(unit, batch_rows):
         cols = batch.to_pydict()
         n = batch.num_rows
         texts = cols["text"]

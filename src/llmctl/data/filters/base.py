@@ -160,11 +160,11 @@ class FilterParams:
                 for rule in value if isinstance(value, list) else [value]:
                     r = str(rule).replace("-", "_")
                     if r not in known:
-                        raise UsageError(f"[{family}] disable: unknown rule '{rule}'; known: {', '.join(known)}")
+                        raise UsageError(f"filter {family}: disable: unknown rule '{rule}'; known: {', '.join(known)}")
                     setattr(self, r, None)
                 continue
             if k not in known:
-                raise UsageError(f"[{family}] unknown parameter '{key}'; known: {', '.join(known)}")
+                raise UsageError(f"filter {family}: unknown parameter '{key}'; known: {', '.join(known)}")
             setattr(self, k, _coerce(family, k, value, getattr(self, k), known[k].type))
 
 
@@ -193,7 +193,7 @@ def _coerce(family: str, key: str, value: Any, current: Any, annotation: Any) ->
             return float(value)
         return value
     except ValueError:
-        raise UsageError(f"[{family}] {key} = {value!r}: not a valid {ann}; fix the value") from None
+        raise UsageError(f"filter {family}: {key} = {value!r}: not a valid {ann}; fix the value") from None
 
 
 class Filter:

@@ -43,7 +43,7 @@ _INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w]|[.-
 #: words after which a dotted quad is a version, section or similar number, not an address
 _NOT_IP_CONTEXT = re.compile(
     r"(?:version|ver|release|rel|build|rev|revision|firmware|update|patch|section|sec|chapter|ch|"
-    r"figure|fig|table|step|rule|clause|article|art|item|para|paragraph|no|number|oid|§)\.?\s*$",
+    r"figure|fig|table|step|rule|clause|article|art|item|para|paragraph|no|number|oid|§)[.:]?\s*$",
     re.IGNORECASE,
 )
 
