@@ -16,6 +16,7 @@ import pydoc
 import random
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -119,6 +120,12 @@ def generate_site(dest: Path, n_pages: int = 2000, links_per_page: int = 12, see
 
 class _QuietHandler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real server would
+    latency = 0.0  # seconds added before each response: a stand-in for a network round trip
+
+    def send_head(self):
+        if self.latency:
+            time.sleep(self.latency)
+        return super().send_head()
 
     def setup(self) -> None:
         super().setup()
@@ -146,13 +153,16 @@ def serve(root: Path, port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_processes(root: Path, workers: int = 2, port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
+def serve_processes(
+    root: Path, workers: int = 2, port: int = 0, host: str = "127.0.0.1", latency: float = 0.0
+) -> Iterator[str]:
     """Serve ``root`` from ``workers`` forked processes sharing one listening socket, as a
     production server's worker processes do (one Python process serves one request at a time
-    per core, whatever its threads). Yield the base URL; the workers are stopped on exit."""
+    per core, whatever its threads), each response delayed by ``latency`` seconds. Yield the base
+    URL; the workers are stopped on exit."""
     import signal
 
-    handler = partial(_QuietHandler, directory=str(root))
+    handler = partial(type("_Handler", (_QuietHandler,), {"latency": latency}), directory=str(root))
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     pids = []

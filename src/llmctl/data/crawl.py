@@ -331,7 +331,21 @@ class Crawler:
             if live:
                 self.session_pages += 1
         if live and self.bar is not None:
-            self.bar.update(self.bar_task, advance=1, total=len(self.done) + self.pending)
+            self._advance_bar()
+
+    def _advance_bar(self) -> None:
+        """Advance the bar; raise its total (the frontier grows as pages are read) only in steps,
+        because rich forgets the measured rate, and so the ETA, whenever the total changes."""
+        known = len(self.done) + self.pending
+        task = self.bar.tasks[0] if self.bar.tasks else None
+        total = task.total if task is not None else None
+        if total is None or known > total:
+            total = int(known * 1.25) + 1
+            if self.cfg.max_pages:
+                total = min(total, max(self.cfg.max_pages, len(self.done) + 1))
+            self.bar.update(self.bar_task, advance=1, total=total)
+        else:
+            self.bar.update(self.bar_task, advance=1)
 
     def _set_robots(self, host: _Host, e: dict[str, Any]) -> None:
         if e.get("refused"):
@@ -644,7 +658,8 @@ class Crawler:
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout, connect=min(10.0, self.cfg.timeout))
         with progress() as bar:
             self.bar = bar
-            self.bar_task = bar.add_task("crawl", total=None, unit="pages", completed=len(self.done))
+            resumed_from = len(self.done)
+            self.bar_task = bar.add_task("crawl", total=None, unit="URLs", completed=resumed_from)
             async with aiohttp.ClientSession(
                 connector=connector,
                 timeout=timeout,
@@ -662,7 +677,10 @@ class Crawler:
                         if h.task:
                             h.task.cancel()
                     raise self.failure
+            task = bar.tasks[0]
+            rate = (len(self.done) - resumed_from) / max(task.elapsed or 0.0, 1e-9)
             bar.update(self.bar_task, total=len(self.done), completed=len(self.done))
+            task.finished_speed = rate  # changing the total made rich forget its measured rate
 
 
 def run(cfg: CrawlConfig) -> dict[str, Any]:

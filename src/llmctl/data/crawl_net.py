@@ -18,8 +18,6 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from aiohttp import ThreadedResolver
 from aiohttp.abc import AbstractResolver
 
-from .urls import registered_domain
-
 # -- URL normalisation --------------------------------------------------------------------------
 
 _DEFAULT_PORT = {"http": 80, "https": 443}
@@ -120,6 +118,12 @@ def origin(url: str) -> str:
     return url if i < 0 else url[:i]
 
 
+def _registered_domain(host: str) -> str:
+    from .urls import registered_domain  # loads the public-suffix list: only --scope domain needs it
+
+    return registered_domain(host)
+
+
 @lru_cache(maxsize=1 << 14)
 def _origin_host(org: str) -> str:
     return (urlsplit(org).hostname or "").lower()
@@ -144,14 +148,15 @@ class Scope:
         """A seed (or where a seed redirects to) puts its host and domain in scope."""
         host = (urlsplit(url).hostname or "").lower()
         self.hosts.add(host)
-        self.domains.add(registered_domain(host))
+        if self.mode == "domain":
+            self.domains.add(_registered_domain(host))
 
     def reason_out(self, url: str) -> str | None:
         """None if ``url`` (normalised) is in scope, otherwise the reason it is not."""
         host = _origin_host(origin(url))
         if self.mode == "host" and host not in self.hosts:
             return "off-host"
-        if self.mode == "domain" and registered_domain(host) not in self.domains:
+        if self.mode == "domain" and _registered_domain(host) not in self.domains:
             return "off-domain"
         if self.allow and not any(rx.search(url) for rx in self.allow):
             return "not-allowed"
