@@ -452,3 +452,35 @@ def test_store_discards_half_written_record_and_torn_journal_line(tmp_path):
         resp = [r for r in ArchiveIterator(fh) if r.rec_type == "response"][0]
         assert resp.http_headers.get_header("X-Crawler-Transfer-Encoding") == "chunked"
         assert resp.http_headers.get_header("Content-Length") == str(len(b"<p>0</p>"))
+
+
+def test_hosts_proceed_at_once_each_at_its_own_pace_and_timeouts_count(tmp_path):
+    """Two origins with Crawl-delay 0.25 each: every host keeps its spacing, yet their requests
+    interleave (async across hosts). A page slower than --timeout fails as 'timeout' after retries."""
+    def slow(n):
+        time.sleep(1.0)
+        return 200, HTML, page()
+
+    def routes(extra=None):
+        r = {"/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nCrawl-delay: 0.25\n"),
+             "/": (200, HTML, page(*[f"/p{i}.html" for i in range(4)]))}
+        r.update({f"/p{i}.html": (200, HTML, page()) for i in range(4)})
+        r.update(extra or {})
+        return r
+
+    a, b = Site(routes()), Site(routes({"/": (200, HTML, page("/p0.html", "/p1.html", "/p2.html", "/p3.html",
+                                                               "/slow.html")), "/slow.html": slow}))
+    try:
+        m = run(CrawlConfig(seeds=[a.base + "/", b.base + "/"], out=tmp_path / "o", allow_private=True, delay=0,
+                            per_host=2, timeout=0.4, retries=1, backoff=0.05))
+        for s in (a, b):
+            t = [x for x, _ in s.log]
+            assert min(y - x for x, y in zip(t, t[1:], strict=False)) >= 0.25 - 0.02
+        ta, tb = [x for x, _ in a.log], [x for x, _ in b.log]
+        assert ta[0] < tb[-1] and tb[0] < ta[-1]  # the two hosts' crawls overlap in time
+        s = m["stats"]
+        assert s["hosts"] == 2 and s["pages"] == 10 and s["errors"] == {"timeout": 1} and s["retries"] == 1
+        assert b.hits["/slow.html"] == 2
+    finally:
+        a.close()
+        b.close()
