@@ -19,8 +19,24 @@ from ..console import console
 from ..errors import LlmctlError
 from .common import ClickException
 
+#: the stages in pipeline order; a stage is on the CLI once its module exists in this package
+STAGES = (
+    "crawl", "extract", "filter", "dedup", "tokenize", "pretrain", "generate", "export",
+    "sft", "reward", "ppo", "dpo", "eval", "scaling_fit",
+)
+
+
+class _PipelineOrder(typer.core.TyperGroup):
+    """Lists the commands in pipeline order (typer would put groups after plain commands)."""
+
+    def list_commands(self, ctx):  # type: ignore[override]
+        rank = {name.replace("_", "-"): i for i, name in enumerate(STAGES)}
+        return sorted(super().list_commands(ctx), key=lambda n: (rank.get(n, len(rank)), n))
+
+
 app = typer.Typer(
     name="llmctl",
+    cls=_PipelineOrder,
     help="Build a language model from scratch: web pages in, an aligned chat model and its measurements out.",
     no_args_is_help=True,
     add_completion=False,
@@ -45,13 +61,6 @@ def _root(
     ] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("LLMCTL_DEBUG") == "1"
-
-
-#: the stages in pipeline order; a stage is on the CLI once its module exists in this package
-STAGES = (
-    "crawl", "extract", "filter", "dedup", "tokenize", "pretrain", "generate", "export",
-    "sft", "reward", "ppo", "dpo", "eval", "scaling_fit",
-)
 
 
 def _register() -> None:
