@@ -3,8 +3,10 @@ allocates compute by the closed form, finds IsoFLOP minima, and refuses bad inpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from scipy.optimize import minimize
 
 from llmctl import scaling
 from llmctl.artifacts import StageRun
+from llmctl.errors import UsageError
 
 DATA = Path(__file__).parent / "data" / "chinchilla_points.csv"
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -253,40 +256,57 @@ def test_run_missing_stats_is_named(tmp_path, llmctl):
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "body, needle",
-    [
-        ("params,loss\n1e6,3\n", "missing column(s) tokens"),
-        ("params,tokens,loss\n1e6,1e8,3\n2e6,0,2.9\n", "not positive"),
-        ("params,tokens,loss\n1e6,1e8,3\n-2e6,1e8,2.9\n", "not positive"),
-        ("params,tokens,loss\n1e6,1e8,nan\n", "nan"),
-        ("params,tokens,loss\n1e6,1e8,abc\n", "not a number"),
-        ("params,tokens,loss\n1e6,1e8,3\n2e6,1e8,2.9\n3e6,1e8,2.8\n4e6,1e8,2.7\n4e6,1e8,2.71\n", "at least 5"),
-        ("", "empty CSV"),
-    ],
-)
-def test_bad_csv_is_one_line_exit_2(tmp_path, llmctl, body, needle):
+BAD_CSV = [
+    ("params,loss\n1e6,3\n", "missing column(s) tokens"),
+    ("params,tokens,loss\n1e6,1e8,3\n2e6,0,2.9\n", "not positive"),
+    ("params,tokens,loss\n1e6,1e8,3\n-2e6,1e8,2.9\n", "not positive"),
+    ("params,tokens,loss\n1e6,1e8,nan\n", "nan"),
+    ("params,tokens,loss\n1e6,1e8,inf\n", "inf"),
+    ("params,tokens,loss\n1e6,1e8,abc\n", "not a number"),
+    ("params,tokens,loss\n1e6,1e8,3\n2e6,1e8,2.9\n3e6,1e8,2.8\n4e6,1e8,2.7\n4e6,1e8,2.71\n", "at least 5"),
+    ("params,tokens,loss\n1e6,1e8\n", "fields"),
+    ("", "empty CSV"),
+]
+
+
+@pytest.mark.parametrize("body, needle", BAD_CSV)
+def test_bad_csv_is_one_line_and_writes_nothing(tmp_path, body, needle):
     csv = tmp_path / "bad.csv"
     csv.write_text(body)
-    r = llmctl("scaling-fit", "--from-csv", csv, "--out", tmp_path / "fit")
-    assert r.code == 2, (r.code, r.err)
-    assert needle in r.err and len(r.err.strip().splitlines()) == 1
+    with pytest.raises(UsageError) as e:
+        scaling.run(scaling.FitConfig(from_csv=str(csv), out=str(tmp_path / "fit")))
+    assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "fit").exists() and not list(tmp_path.glob(".fit*"))
 
 
-def test_bad_options_exit_2(tmp_path, llmctl):
+def test_bad_input_exits_2_with_one_line(tmp_path, llmctl):
+    csv = tmp_path / "bad.csv"
+    csv.write_text(BAD_CSV[1][0])
+    r = llmctl("scaling-fit", "--from-csv", csv, "--out", tmp_path / "fit")
+    assert r.code == 2 and "not positive" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = llmctl("scaling-fit", "--from-csv", csv, "--predict", "1e9", "--out", tmp_path / "fit")
+    assert r.code == 2 and "N,D" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "fit").exists()
+
+
+def test_bad_options_are_usage_errors(tmp_path):
     p = _synthetic()
     csv = _write_csv(tmp_path / "ok.csv", p.N[:8], p.D[:8], p.L[:8])
-    for args, needle in [
-        ((), "either"),
-        (("--from-csv", csv, tmp_path), "either"),
-        (("--from-csv", csv, "--predict", "1e9"), "N,D"),
-        (("--from-csv", csv, "--budget", "-1e20"), "positive"),
-        (("--from-csv", csv, "--ci", "1.5"), "--ci"),
+    out = str(tmp_path / "fit")
+    for cfg, needle in [
+        (scaling.FitConfig(out=out), "either"),
+        (scaling.FitConfig(out=out, from_csv=str(csv), runs=[str(tmp_path)]), "either"),
+        (scaling.FitConfig(out=out, from_csv=str(csv), ci=1.5), "--ci"),
+        (scaling.FitConfig(out=out, from_csv=str(tmp_path / "nope.csv")), "no such CSV"),
     ]:
-        r = llmctl("scaling-fit", *args, "--out", tmp_path / "fit")
-        assert r.code == 2 and needle in r.err, (args, r.err)
-        assert len(r.err.strip().splitlines()) == 1
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            scaling.run(cfg)
+    for text in ("-1e20", "abc", "0", "nan"):
+        with pytest.raises(UsageError):
+            scaling.parse_count(text)
+    with pytest.raises(UsageError, match="N,D"):
+        scaling.parse_predict("1e9")
+    assert not (tmp_path / "fit").exists()
 
 
 def test_extra_columns_and_comments_are_accepted(tmp_path):
@@ -311,25 +331,79 @@ def test_parse_count():
 # ------------------------------------------------------------------------------------------------
 # sweep
 # ------------------------------------------------------------------------------------------------
+def _tokens_artifact(root: Path, llmctl) -> Path:
+    """A real tokenize-encode artifact of 40 KB of Shakespeare (or of made-up text without shared data)."""
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
+    if shared.is_file():
+        text = shared.read_text(encoding="utf-8")[:40_000]
+    else:
+        rng = np.random.default_rng(0)
+        words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
+        text = "\n\n".join(" ".join(rng.choice(words, 40)) + "." for _ in range(300))
+    (root / "text.txt").write_text(text, encoding="utf-8")
+    env = {"OMP_NUM_THREADS": "1"}
+    r = llmctl("tokenize", "train", root / "text.txt", "--vocab-size", "400", "--out", root / "tok", env=env)
+    assert r.code == 0, r.err
+    r = llmctl("tokenize", "encode", root / "text.txt", "--tokenizer", root / "tok", "--out", root / "tokens",
+               "--val-fraction", "0.1", env=env)
+    assert r.code == 0, r.err
+    return root / "tokens"
+
+
 def test_sweep_rejects_bad_plans(tmp_path, llmctl):
-    tok = StageRun.open(tmp_path / "tok", "tokenize", {}, [])
+    tok = StageRun.open(tmp_path / "tok", "tokenize-encode", {}, [])
     tok.finish({})
-    for args, needle in [
-        (("--sizes", "2x64", "--budgets", "1e12"), "at least 5"),
-        (("--sizes", "2x6x4,3x64", "--budgets", "1e12,2e12,3e12"), "divisible"),
-        (("--sizes", "big", "--budgets", "1e12"), "LAYERSxD_MODEL"),
-        (("--sizes", "2x64",), "--budgets"),
+    base = {"tokens": str(tmp_path / "tok"), "out": str(tmp_path / "sw")}
+    for over, needle in [
+        ({"sizes": ["2x64"], "budgets": [1e12]}, "at least 5"),
+        ({"sizes": ["2x6x4", "3x64"], "budgets": [1e12, 2e12, 3e12]}, "divisible"),
+        ({"sizes": ["big"], "budgets": [1e12]}, "LAYERSxD_MODEL"),
+        ({"sizes": ["2x64"], "budgets": []}, "--budgets"),
+        ({"sizes": ["1x64", "2x64", "3x64"], "budgets": [1e12, 2e12], "tokens": str(tmp_path / "nope")}, "nope"),
+        ({"sizes": ["1x64", "2x64", "3x64"], "budgets": [1e12, 2e12], "pretrain_set": ["seed=3"]}, "sets seed itself"),
+        ({"sizes": ["1x64", "2x64", "3x64"], "budgets": [1e12, 2e12], "pretrain_set": ["seq_len"]}, "KEY=VALUE"),
     ]:
-        r = llmctl("scaling-fit", "sweep", tmp_path / "tok", *args, "--out", tmp_path / "sw")
-        assert r.code == 2 and needle in r.err, (args, r.err)
-    r = llmctl("scaling-fit", "sweep", tmp_path / "nope", "--sizes", "1x64,2x64,3x64", "--budgets", "1e12,2e12",
-               "--out", tmp_path / "sw")
-    assert r.code == 2 and "nope" in r.err
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            scaling.run_sweep(scaling.SweepConfig(**(base | over)))
+    r = llmctl("scaling-fit", "sweep", tmp_path / "tok", "--sizes", "2x64", "--out", tmp_path / "sw")
+    assert r.code == 2 and "--budgets" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "sw").exists()
 
 
-def test_sweep_plan_forms_isoflop_groups():
-    n = scaling.approx_non_embedding_params(2, 64)
-    assert n == 12 * 2 * 64 * 64
+def test_sweep_plan():
+    assert scaling.approx_non_embedding_params(2, 64) == 12 * 2 * 64 * 64
     assert scaling.parse_size("4x128") == (4, 128, 2)
     assert scaling.parse_size("4x128x4") == (4, 128, 4)
+    assert scaling.parse_size("1x32") == (1, 32, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llmctl.train.pretrain") is None, reason="the pretrain stage is absent")
+def test_sweep_trains_real_runs_then_fits_them(tmp_path, llmctl):
+    """Five real pretrain runs (2 sizes × 3 budgets but one), each a few optimizer steps, then the fit."""
+    tokens = _tokens_artifact(tmp_path, llmctl)
+    out = tmp_path / "sweep"
+    sets = ["preset=nano", "seq_len=32", "micro_batch=4", "warmup_steps=2", "precision='fp32'", "device=cpu",
+            "eval_batches=2"]
+    args = ["scaling-fit", "sweep", tokens, "--sizes", "1x16,1x32", "--budgets", "2e8,4e8,8e8", "--out", out,
+            "--bootstrap", "0", "--budget", "1e12", *[a for kv in sets for a in ("--pretrain-set", kv)]]
+    r = llmctl(*args, env={"OMP_NUM_THREADS": "1"})
+    assert r.code == 0, r.err
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 6
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_points"] == 6
+    by_label = {pt["label"]: pt for pt in res["points"]}
+    for run in runs:
+        st = json.loads((run / "manifest.json").read_text())["stats"]
+        pt = by_label[f"runs/{run.name}"]
+        assert (pt["params"], pt["tokens"], pt["loss"]) == (
+            st["non_embedding_params"], st["tokens_seen"], st["final_val_loss"])
+        planned = float(run.name.split("-C")[1]) / (6 * st["non_embedding_params"])
+        assert planned - 1 <= st["tokens_seen"] < planned + 4 * 32  # stops within one step of its budget
+    a2 = res["approach2"]
+    assert a2["grouping"].startswith("by design") and len(a2["groups"]) == 3
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stage"] == "scaling-fit" and m["params"]["sizes"] == ["1x16", "1x32"]
+    r2 = llmctl(*args)
+    assert r2.code == 0 and "already complete" in r2.out

@@ -60,6 +60,8 @@ class Points:
     D: np.ndarray
     L: np.ndarray
     labels: list[str]
+    #: IsoFLOP group of each run when known by design (a sweep's budget); None: group by measured C
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.L)
@@ -375,8 +377,14 @@ def predict_loss(p: dict[str, float], N: np.ndarray | float, D: np.ndarray | flo
 
 
 def compute_optimal(p: dict[str, float], C: float) -> dict[str, float]:
-    """Closed-form N_opt, D_opt for C = 6ND (REFERENCE.md); loss at the optimum."""
+    """Closed-form N_opt, D_opt for C = 6ND (REFERENCE.md); loss at the optimum.
+
+    Defined only for α, β > 0 (a law whose loss does not fall with N or D has no optimum): NaN otherwise.
+    """
     al, be = p["alpha"], p["beta"]
+    if not (al > 0 and be > 0 and p["A"] > 0 and p["B"] > 0):
+        nan = float("nan")
+        return {"budget_flops": C, "N_opt": nan, "D_opt": nan, "tokens_per_param": nan, "loss": nan}
     G = (al * p["A"] / (be * p["B"])) ** (1.0 / (al + be))
     n = G * (C / 6.0) ** (be / (al + be))
     d = (C / 6.0) ** (al / (al + be)) / G
@@ -408,14 +416,15 @@ def fit_law(
 ) -> Fit:
     """Approach 3: L-BFGS from every start of the grid, the lowest objective kept.
 
-    Every start runs to a relative decrease of 1e-10 (scipy's L-BFGS-B default stops far earlier,
-    at an absolute 2.2e-9 on an objective of ~1e-3), then the ``polish`` best are run on to 1e-15,
+    Every start runs until an iteration lowers its objective by less than 1e-8 of itself (scipy's
+    L-BFGS-B default, used by Epoch, stops at an absolute 2.2e-9, i.e. ~2e-6 of an objective of
+    ~1e-3), then the ``polish`` best are run on to 1e-15,
     so the kept optimum is converged to machine precision without paying that for the thousands
     of starts that end in flat, degenerate regions (α or β near 0).
     """
     x0 = grid_starts() if starts is None else starts
     logN, logD, logL = np.log(points.N), np.log(points.D), np.log(points.L)
-    res = batched_lbfgs(x0, logN, logD, logL, None, delta, max_iter=max_iter, ftol=1e-10, gtol=1e-9)
+    res = batched_lbfgs(x0, logN, logD, logL, None, delta, max_iter=max_iter, ftol=1e-8, gtol=1e-9)
     fin = np.isfinite(res.f) & np.isfinite(res.x).all(axis=1)
     if not fin.any():
         raise StageError("scaling-fit: every start diverged; check that the losses follow a power law")
@@ -486,8 +495,15 @@ def bootstrap(
 # approach 2: IsoFLOP profiles
 # ------------------------------------------------------------------------------------------------
 def isoflop_groups(points: Points, tol_decades: float) -> list[np.ndarray]:
-    """Indices of runs grouped by compute: a new group starts where log10 C jumps by > tol."""
+    """Indices of runs grouped by compute: a new group starts where log10 C jumps by > tol.
+
+    Runs whose groups are known by design (a sweep's budgets) keep those groups, ordered by compute.
+    """
     lc = np.log10(points.compute)
+    if points.groups is not None:
+        labels = list(dict.fromkeys(points.groups.tolist()))
+        idx = [np.flatnonzero(points.groups == g) for g in labels]
+        return sorted(idx, key=lambda i: float(np.mean(lc[i])))
     order = np.argsort(lc, kind="stable")
     groups: list[list[int]] = [[int(order[0])]]
     for prev, cur in zip(order[:-1], order[1:], strict=True):
@@ -525,7 +541,12 @@ def approach2(points: Points, tol_decades: float = 0.05, min_runs: int = 3) -> d
                     )
         groups.append(g)
     used = [g for g in groups if g["used"]]
-    out: dict[str, Any] = {"available": False, "tolerance_decades": tol_decades, "groups": groups}
+    out: dict[str, Any] = {
+        "available": False,
+        "grouping": "by design (sweep budgets)" if points.groups is not None else f"by compute, ±{tol_decades} decades",
+        "tolerance_decades": tol_decades,
+        "groups": groups,
+    }
     if len(used) < 2:
         out["reason"] = f"{len(used)} IsoFLOP group(s) with a usable minimum; need 2 (≥{min_runs} sizes each)"
         return out
@@ -562,7 +583,9 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float | None, float | 
     if s.size < 2:
         return None, None, None
     lo, hi = np.quantile(s, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi), float(np.std(s, ddof=1))
+    with np.errstate(over="ignore"):  # degenerate resamples can reach 1e165; their s.e. is then inf → null
+        se = float(np.std(s, ddof=1))
+    return float(lo), float(hi), se
 
 
 def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
@@ -595,6 +618,10 @@ def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
         preds.append({"N": n, "D": d, "compute": 6 * n * d} | {
             "loss": with_ci(float(predict_loss(fit.params, n, d)), [float(predict_loss(bp, n, d)) for bp in boot_params])
         })
+    notes = []
+    if not (al > 0 and be > 0):
+        notes.append("alpha or beta ≤ 0: loss does not fall with N or D, so there is no compute-optimal "
+                     "allocation; add runs that span more sizes and token counts")
     resid = np.log(predict_loss(fit.params, points.N, points.D)) - np.log(points.L)
     res = fit.result
     return {
@@ -618,6 +645,7 @@ def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
         "predictions": preds,
         "approach2": approach2(points, cfg.isoflop_tol),
         "timing": {"fit_seconds": round(t_fit, 3), "bootstrap_seconds": round(t_boot, 3)},
+        "notes": notes,
     }
 
 
@@ -676,6 +704,8 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
         ax.scatter([g["compute"] for g in used], [g["N_opt"] for g in used], color="C1", zorder=3)
         ax.plot(cgrid, a2["N_coef"] * cgrid ** a2["a"], color="C1", ls="--", label=f"approach 2: C^{a2['a']:.3f}")
     for b in results["compute_optimal"]:
+        if b["N_opt"]["value"] is None:
+            continue
         ax.plot([b["budget_flops"]], [b["N_opt"]["value"]], "r*", ms=12)
         ax.annotate(f"{b['tokens_per_param']['value']:.1f} tok/param", (b["budget_flops"], b["N_opt"]["value"]),
                     textcoords="offset points", xytext=(-60, 8), fontsize=8)
@@ -687,12 +717,24 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: undefined numbers (e.g. no optimum when β ≤ 0) become null."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
 def _publish(run: StageRun, points: Points, cfg_params: dict[str, Any], cfg: FitConfig) -> dict[str, Any]:
     results = analyse(points, cfg)
     results["points"] = [
         {"label": lab, "params": float(n), "tokens": float(d), "loss": float(lo)}
         for lab, n, d, lo in zip(points.labels, points.N, points.D, points.L, strict=True)
     ]
+    results = _finite_or_none(results)
     write_json_atomic(run.path("results.json"), results)
     plot(points, results, run.partial("scaling_fit.png"))
     run.commit("scaling_fit.png")
@@ -741,6 +783,10 @@ def run(cfg: FitConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # sweep: tune small, extrapolate
 # ------------------------------------------------------------------------------------------------
+#: pretrain options a sweep sets itself for every run; the rest may be set with ``--pretrain-set``
+_SWEEP_SETS = ("tokens", "out", "n_layer", "d_model", "n_head", "max_tokens", "max_steps", "time_budget", "seed", "force")
+
+
 @dataclass
 class SweepConfig:
     tokens: str = ""
@@ -748,13 +794,13 @@ class SweepConfig:
     sizes: list[str] = field(default_factory=list)  # "LAYERSxD_MODEL[xHEADS]"
     budgets: list[float] = field(default_factory=list)  # FLOPs per run
     seed: int = 0
-    pretrain_args: str = ""
+    pretrain_set: list[str] = field(default_factory=list)  # "KEY=VALUE" options of every pretrain run
     fit: FitConfig = field(default_factory=FitConfig)
     force: bool = False
 
 
 def parse_size(spec: str) -> tuple[int, int, int]:
-    """'4x128' → (layers 4, d_model 128, heads d_model/64 or 1); '4x128x2' sets the heads."""
+    """'4x128' → (layers 4, d_model 128, heads d_model/64 or 1); '4x128x4' sets the heads."""
     parts = spec.lower().split("x")
     try:
         nums = [int(p) for p in parts]
@@ -769,55 +815,97 @@ def parse_size(spec: str) -> tuple[int, int, int]:
     return layers, d, heads
 
 
-def approx_non_embedding_params(layers: int, d_model: int) -> float:
-    """12·layers·d² (Kaplan et al. 2020): attention 4d² + MLP 8d² per block; plans token budgets only.
+def parse_pretrain_set(items: Sequence[str]) -> dict[str, Any]:
+    """['seq_len=64', 'device=cpu'] → {'seq_len': 64, 'device': 'cpu'} (values read as TOML literals)."""
+    import tomllib
 
-    The fit itself uses the exact count each finished run records in its manifest.
-    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--pretrain-set {item!r}: expected KEY=VALUE, e.g. seq_len=64")
+        if key in _SWEEP_SETS:
+            raise UsageError(f"--pretrain-set {key}: the sweep sets {key} itself; use --sizes/--budgets/--seed")
+        try:
+            out[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw.strip()
+    return out
+
+
+def approx_non_embedding_params(layers: int, d_model: int) -> float:
+    """12·layers·d² (Kaplan et al. 2020): attention 4d² + MLP 8d² per block, for plans without a model."""
     return 12.0 * layers * d_model * d_model
 
 
+def _pretrain_config(tokens: Path, out: Path, layers: int, d_model: int, heads: int, max_tokens: int, seed: int,
+                     overrides: dict[str, Any]) -> Any:
+    from dataclasses import fields
+
+    from .train.pretrain import PretrainConfig
+
+    known = {f.name: f for f in fields(PretrainConfig)}
+    extra = {}
+    for k, v in overrides.items():
+        if k not in known:
+            raise UsageError(f"--pretrain-set {k}: not a pretrain option; see llmctl pretrain --help")
+        extra[k] = Path(v) if isinstance(v, str) and "Path" in str(known[k].type) else v
+    return PretrainConfig(tokens=Path(tokens), out=Path(out), n_layer=layers, d_model=d_model, n_head=heads,
+                          max_tokens=max_tokens, seed=seed, **extra)
+
+
 def pretrain_once(tokens: Path, out: Path, layers: int, d_model: int, heads: int, max_tokens: int, seed: int,
-                  extra: Sequence[str] = ()) -> None:
-    """Train one run of the sweep by calling the pretrain stage; THE one place that knows its flags.
+                  overrides: dict[str, Any]) -> None:
+    """Train one run of the sweep: THE one place that calls the pretrain stage.
 
-    Assumed interface (to reconcile with the pretrain stage):
-    ``llmctl pretrain TOKENS --out RUN --n-layer L --d-model D --n-head H --max-tokens T --seed S``,
-    writing a finished run whose manifest ``stats`` hold non_embedding_params, tokens_seen and
-    final_val_loss. A finished run is a no-op rerun, so an interrupted sweep resumes run by run.
+    Uses its Python API, ``llmctl.train.pretrain.run(PretrainConfig)``, in this process (no torch
+    import per run). A finished run is a no-op rerun, so an interrupted sweep resumes run by run.
     """
-    import os
-    import subprocess
-    import sys
+    from .train.pretrain import run as pretrain_run
 
-    cmd = [sys.executable, "-m", "llmctl", "pretrain", str(tokens), "--out", str(out),
-           "--n-layer", str(layers), "--d-model", str(d_model), "--n-head", str(heads),
-           "--max-tokens", str(max_tokens), "--seed", str(seed), *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LLMCTL_PROGRESS": "0"})
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        kind = UsageError if p.returncode == 2 else StageError
-        raise kind(f"sweep run {out.name}: pretrain exited {p.returncode}: {last}")
+    try:
+        pretrain_run(_pretrain_config(tokens, out, layers, d_model, heads, max_tokens, seed, overrides))
+    except UsageError as e:
+        raise UsageError(f"sweep run {out.name}: {e}") from e
+    except StageError as e:
+        raise StageError(f"sweep run {out.name}: {e}") from e
+
+
+def plan_sweep(cfg: SweepConfig, overrides: dict[str, Any]) -> list[tuple[str, int, int, int, float, int]]:
+    """(name, layers, d_model, heads, budget, max_tokens) per run; tokens = budget / (6 · exact N)."""
+    from .tokens import TokenArtifact
+
+    vocab = TokenArtifact(Path(cfg.tokens)).vocab_size
+    plan = []
+    for (layers, d, heads), budget in itertools.product([parse_size(s) for s in cfg.sizes], cfg.budgets):
+        pc = _pretrain_config(Path(cfg.tokens), Path("."), layers, d, heads, 1, cfg.seed, overrides)
+        n = pc.model_config(vocab).non_embedding_params()
+        plan.append((f"L{layers}-d{d}-h{heads}-C{budget:.3g}", layers, d, heads, budget, max(1, round(budget / (6 * n)))))
+    return plan
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """``llmctl scaling-fit sweep``: a grid of (size, FLOP budget) pretrain runs, then the fit.
 
-    Each run trains for budget / (6 · N≈12·L·d²) tokens, so the runs of one budget form an IsoFLOP
-    group and approach 2 applies alongside approach 3. The runs live under OUT/runs/.
+    Each run trains for budget / (6N) tokens with N the model's exact non-embedding count, so the
+    runs of one budget form an IsoFLOP group (approach 2) besides feeding approach 3. The runs live
+    under OUT/runs/; an interrupted sweep resumes (finished runs are no-ops, a cut run resumes from
+    its checkpoint).
     """
-    import shlex
-
     if not cfg.sizes or not cfg.budgets:
         raise UsageError("sweep needs --sizes and --budgets, e.g. --sizes 2x64,4x128 --budgets 1e12,3e12")
     sizes = [parse_size(s) for s in cfg.sizes]
-    if any(b <= 0 for b in cfg.budgets):
+    if any(not b > 0 for b in cfg.budgets):
         raise UsageError("--budgets must be positive FLOP counts such as 1e12")
     if len(sizes) * len(cfg.budgets) < MIN_POINTS:
-        raise UsageError(f"sweep of {len(sizes) * len(cfg.budgets)} runs; the fit needs at least {MIN_POINTS} — add sizes or budgets")
+        raise UsageError(
+            f"sweep of {len(sizes) * len(cfg.budgets)} runs; the fit needs at least {MIN_POINTS} — add sizes or budgets"
+        )
     tokens = Path(cfg.tokens)
-    require_artifact(tokens, ("tokenize",))
-    extra = shlex.split(cfg.pretrain_args)
+    require_artifact(tokens, ("tokenize-encode",))  # what pretrain trains on
+    overrides = parse_pretrain_set(cfg.pretrain_set)
+    plan = plan_sweep(cfg, overrides)
     params = asdict(cfg)
     params.pop("force")
     params.pop("out")
@@ -830,20 +918,16 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         return json.loads((st.out / "results.json").read_text(encoding="utf-8")) | {"done": True}
     from .console import progress
 
-    plan = []
-    for (layers, d, heads), budget in itertools.product(sizes, cfg.budgets):
-        n = approx_non_embedding_params(layers, d)
-        plan.append((f"L{layers}-d{d}-h{heads}-C{budget:.3g}", layers, d, heads, max(1, int(budget / (6 * n)))))
     run_dirs = []
     with progress() as bar:
         task = bar.add_task("sweep", total=len(plan), unit="runs")
-        for name, layers, d, heads, max_tokens in plan:
+        for name, layers, d, heads, _budget, max_tokens in plan:
             rd = st.path(f"runs/{name}")
             rd.parent.mkdir(parents=True, exist_ok=True)
-            pretrain_once(tokens, rd, layers, d, heads, max_tokens, cfg.seed, extra)
+            pretrain_once(tokens, rd, layers, d, heads, max_tokens, cfg.seed, overrides)
             run_dirs.append(rd)
             bar.advance(task)
     points = read_runs(run_dirs)
-    for rd in run_dirs:  # record where each point came from, relative to the artifact
-        points.labels[run_dirs.index(rd)] = f"runs/{rd.name}"
+    points.labels = [f"runs/{rd.name}" for rd in run_dirs]  # relative to the artifact
+    points.groups = np.array([f"{p[4]:.6g}" for p in plan])
     return _publish(st, points, params, cfg.fit)

@@ -70,8 +70,12 @@ def _fit_config(runs: list[Path] | None, out: Path, from_csv: Path | None, budge
     )
 
 
+def _g(v: float | None, fmt: str = "{:.4g}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
 def _ci(v: dict[str, Any]) -> str:
-    if v.get("ci_low") is None:
+    if v.get("ci_low") is None or v.get("ci_high") is None:
         return "—"
     return f"{v['ci_low']:.4g} … {v['ci_high']:.4g}"
 
@@ -90,8 +94,9 @@ def _print(res: dict[str, Any], out: Path) -> None:
         table(
             "compute-optimal allocation (C = 6ND)",
             ["budget (FLOPs)", "N_opt", "D_opt", "tokens/param", "loss", f"N_opt {level:.0%}"],
-            [[f"{r['budget_flops']:.3g}", f"{r['N_opt']['value']:.4g}", f"{r['D_opt']['value']:.4g}",
-              r["tokens_per_param"]["value"], r["loss"]["value"], _ci(r["N_opt"])] for r in res["compute_optimal"]],
+            [[f"{r['budget_flops']:.3g}", _g(r["N_opt"]["value"]), _g(r["D_opt"]["value"]),
+              _g(r["tokens_per_param"]["value"]), _g(r["loss"]["value"]), _ci(r["N_opt"])]
+             for r in res["compute_optimal"]],
         )
     if res["predictions"]:
         table(
@@ -161,9 +166,10 @@ def sweep(
         str, typer.Option("--sizes", help="Comma-separated LAYERSxD_MODEL\\[xHEADS] model shapes, e.g. 2x64,4x128,6x192.")
     ] = "",
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated FLOP budgets per run, e.g. 1e12,3e12,1e13.")] = "",
-    pretrain_args: Annotated[
-        str, typer.Option("--pretrain-args", help="Extra flags passed to every pretrain run, e.g. '--device cpu'.")
-    ] = "",
+    pretrain_set: Annotated[
+        list[str] | None,
+        typer.Option("--pretrain-set", help="KEY=VALUE pretrain option for every run (repeatable), e.g. seq_len=64."),
+    ] = None,
     budget: BudgetOpt = None,
     predict: PredictOpt = None,
     bootstrap: BootOpt = 200,
@@ -178,12 +184,13 @@ def sweep(
 ) -> None:
     """Tune small, extrapolate: pretrain every (size, budget) pair, then fit them all.
 
-    Each run trains for budget / (6 · 12·layers·d_model²) tokens, so each budget is an IsoFLOP
-    group. Runs are kept under OUT/runs/; an interrupted sweep resumes run by run.
+    Each run trains for budget / (6N) tokens (N: the model's non-embedding parameters), so each
+    budget is an IsoFLOP group. Runs are kept under OUT/runs/; an interrupted sweep resumes.
 
     Example:
 
-      llmctl scaling-fit sweep tok/ --sizes 1x32,2x64,2x96,3x128 --budgets 3e11,1e12,3e12 --out sweeps/s1 --budget 1e15
+      llmctl scaling-fit sweep tokens/ --sizes 1x32,2x64,3x96 --budgets 1e11,3e11,1e12 --out sweeps/s1
+      --pretrain-set preset=nano --pretrain-set seq_len=64 --pretrain-set device=cpu --budget 1e15
     """
     size_list = [s.strip() for s in sizes.split(",") if s.strip()]
     budget_list = [scaling.parse_count(b) for b in budgets.split(",") if b.strip()]
@@ -195,7 +202,7 @@ def sweep(
         sizes=size_list,
         budgets=budget_list,
         seed=seed,
-        pretrain_args=pretrain_args,
+        pretrain_set=list(pretrain_set or []),
         fit=_fit_config(None, out, None, budget, predict, bootstrap, bootstrap_starts, seed, ci, huber_delta,
                         isoflop_tol, max_iter, False),
         force=force,
