@@ -1,0 +1,338 @@
+"""``llmctl eval``: score a model (an llmctl run or a transformers directory) on local tasks.
+
+Writes ``results.json`` (one row per task × metric: value, standard error, n, settings),
+``items-<task>.jsonl`` (per-item scores) and ``manifest.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import StageRun, write_json_atomic
+from ..console import console, progress
+from ..errors import UsageError
+from ..model.generate import resolve_device
+from ..model.hf import is_hf_dir, load_any
+from . import contamination, generation_mc, perplexity
+from .multiple_choice import Request, context_ids, request_length, score_requests
+from .results import Metric, mean_se, write_items
+from .tasks import LambadaItem, MCItem, Task, load_task, parse_task_spec
+
+PROTOCOLS = ("likelihood", "generation", "both")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    tasks: list[str]
+    out: str
+    protocol: str = "both"
+    num_fewshot: int = 0
+    seed: int = 1234
+    limit: int = 0
+    bos: bool = False
+    max_new_tokens: int = 4
+    contamination: str | None = None
+    ngram: int = 13
+    decontaminate: bool = False
+    batch_tokens: int = 8192
+    device: str = "cpu"
+    threads: int = 0
+    force: bool = False
+
+
+@dataclass
+class TaskRun:
+    task: Task
+    metrics: list[Metric] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    contaminated: int | None = None
+
+
+def _check(cfg: EvalConfig) -> None:
+    if cfg.protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {cfg.protocol}: choose likelihood, generation or both")
+    if not cfg.tasks:
+        raise UsageError("no --task given; e.g. --task mmlu:../shared/data/eval/mmlu-dev")
+    if cfg.num_fewshot < 0 or cfg.limit < 0 or cfg.max_new_tokens < 1 or cfg.batch_tokens < 1:
+        raise UsageError("--num-fewshot and --limit must be ≥ 0, --max-new-tokens and --batch-tokens ≥ 1")
+    if cfg.decontaminate and not cfg.contamination:
+        raise UsageError("--decontaminate needs --contamination TRAINING_ARTIFACT")
+    for t in cfg.tasks:
+        parse_task_spec(t)
+
+
+def _inputs(cfg: EvalConfig) -> list[Path]:
+    m = Path(cfg.model)
+    out = [m if (m / "manifest.json").is_file() else m / "model.safetensors"]
+    if not out[0].exists():
+        raise UsageError(f"{m}: neither an llmctl run nor a transformers directory with model.safetensors")
+    for t in cfg.tasks:
+        _, p = parse_task_spec(t)
+        out += sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    if cfg.contamination:
+        c = Path(cfg.contamination)
+        if not c.exists():
+            raise UsageError(f"--contamination {c}: not found; give a docs or tokens artifact")
+        out.append(c if (c / "manifest.json").is_file() or c.is_file() else next(iter(sorted(c.rglob("*.parquet"))), c))
+    return out
+
+
+def _unique_names(tasks: list[Task]) -> None:
+    seen: dict[str, int] = {}
+    for t in tasks:
+        seen[t.name] = seen.get(t.name, 0) + 1
+        if seen[t.name] > 1:
+            t.name = f"{t.name}-{seen[t.name]}"
+
+
+def fewshot(item: MCItem, pool: list[MCItem], k: int, seed: int) -> list[MCItem]:
+    """k examples from the item's group (never the item itself), the same for a given seed."""
+    if k == 0:
+        return []
+    cands = [x for x in pool if x.group == item.group and x.id != item.id]
+    if len(cands) < k:
+        raise UsageError(
+            f"--num-fewshot {k}: only {len(cands)} other items in group '{item.group or item.id}'; lower it"
+        )
+    return random.Random(f"{seed}/{item.id}").sample(cands, k)
+
+
+def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
+    _check(cfg)
+    inputs = _inputs(cfg)
+    tasks = [load_task(t) for t in cfg.tasks]
+    _unique_names(tasks)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    stage = StageRun.open(Path(cfg.out), "eval", params, inputs=inputs, force=cfg.force)
+    if stage.done:
+        console.print(f"{cfg.out}: already evaluated with these settings and inputs; pass --force to redo")
+        return stage.manifest, []
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        model, tok = load_any(cfg.model, device)
+        kind = "transformers directory" if is_hf_dir(Path(cfg.model)) else "llmctl run"
+        t0 = time.perf_counter()
+        runs = [TaskRun(t) for t in tasks]
+        n_scored = 0
+        for r in runs:
+            if cfg.limit:
+                r.task.items = r.task.items[: cfg.limit]
+            if cfg.contamination:
+                hit, cstats = contamination.find_contaminated([x.text() for x in r.task.items], Path(cfg.contamination), cfg.ngram)
+                r.contaminated = sum(hit)
+                r.task.items_contaminated = hit  # type: ignore[attr-defined]
+                if cfg.decontaminate:
+                    clean = [x for x, h in zip(r.task.items, hit, strict=True) if not h]
+                    r.task.items = clean
+                    r.task.items_contaminated = [False] * len(clean)  # type: ignore[attr-defined]
+                    if not clean:
+                        console.print(f"[yellow]{r.task.name}: every item is contaminated; nothing left to score[/]")
+            if r.task.items:
+                {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl}[r.task.kind](cfg, model, tok, r)
+            n_scored += len(r.rows)
+            write_items(stage.partial(f"items-{r.task.name}.jsonl"), r.rows)
+            stage.commit(f"items-{r.task.name}.jsonl")
+        seconds = time.perf_counter() - t0
+        results = {
+            "model": str(cfg.model),
+            "model_kind": kind,
+            "settings": _settings(cfg),
+            "results": [
+                {"task": r.task.name, **asdict(m), "settings": _task_settings(cfg, r)} for r in runs for m in r.metrics
+            ],
+            "wall_seconds": round(seconds, 3),
+        }
+        write_json_atomic(stage.work / "results.json", results)
+        stats = {
+            "tasks": len(runs),
+            "items_scored": n_scored,
+            "items_per_second": round(n_scored / seconds, 2) if seconds else None,
+            "skipped": {r.task.name: r.task.skipped for r in runs if r.task.skipped},
+        }
+        manifest = stage.finish(stats)
+    except BaseException:
+        stage.abandon()
+        raise
+    return manifest, runs
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    return {
+        "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos,
+        "limit": cfg.limit, "ngram": cfg.ngram, "decontaminate": cfg.decontaminate,
+        "contamination": cfg.contamination, "max_new_tokens": cfg.max_new_tokens,
+    }
+
+
+def _task_settings(cfg: EvalConfig, r: TaskRun) -> dict[str, Any]:
+    s: dict[str, Any] = {"source": r.task.source, "skipped": dict(r.task.skipped)}
+    if r.task.kind == "mc":
+        s["num_fewshot"] = cfg.num_fewshot
+    if r.contaminated is not None:
+        s["contaminated"] = r.contaminated
+        s["ngram"] = cfg.ngram
+        s["decontaminate"] = cfg.decontaminate
+    return s
+
+
+def _with_bos(cfg: EvalConfig, tok, req: Request) -> Request:
+    if cfg.bos and tok.bos_id >= 0 and req.context[0] != tok.bos_id:
+        return Request([tok.bos_id, *req.context], req.continuations)
+    return req
+
+
+def _score(cfg, model, r: TaskRun, reqs: list[Request], what: str):
+    with progress() as bar:
+        job = bar.add_task(f"{r.task.name} {what}", total=len(reqs), unit="items")
+        return score_requests(model, reqs, max_batch_tokens=cfg.batch_tokens, on_done=lambda n: bar.advance(job, n))
+
+
+def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+    task = r.task
+    items: list[MCItem] = task.items
+    pool = list(items)
+    ctx_len = model.cfg.max_seq_len
+    hit = getattr(task, "items_contaminated", [False] * len(items))
+    rows: list[dict[str, Any]] = []
+    like = cfg.protocol in ("likelihood", "both")
+    gen = cfg.protocol in ("generation", "both")
+    reqs, req_rows = [], []
+    prompts, prompt_rows = [], []
+    for i, it in enumerate(items):
+        shots = fewshot(it, pool, cfg.num_fewshot, cfg.seed)
+        row: dict[str, Any] = {"id": it.id, "gold": it.gold, "n_choices": len(it.choices)}
+        if cfg.contamination:
+            row["contaminated"] = hit[i]
+        rows.append(row)
+        if like:
+            context = it.description + "".join(s.context + task.delimiter + s.choices[s.gold] + "\n\n" for s in shots) + it.context
+            ctx, conts = context_ids(tok, context, [task.delimiter + c for c in it.choices])
+            req = _with_bos(cfg, tok, Request(ctx, conts))
+            if not all(conts):
+                row["skip_likelihood"] = "empty_continuation"
+            elif request_length(req) > ctx_len:
+                row["skip_likelihood"] = "longer_than_context"
+            else:
+                reqs.append(req)
+                req_rows.append(i)
+        if gen:
+            prompt = generation_mc.build_prompt(it, shots)
+            if generation_mc.fits(model, tok, prompt, cfg.bos, cfg.max_new_tokens):
+                prompts.append(prompt)
+                prompt_rows.append(i)
+            else:
+                row["skip_generation"] = "longer_than_context"
+    if like:
+        scores = _score(cfg, model, r, reqs, "likelihood")
+        acc, acc_norm = [], []
+        for i, sc in zip(req_rows, scores, strict=True):
+            it, row = items[i], rows[i]
+            lls = [s.loglik for s in sc]
+            norm = [ll / len(c) for ll, c in zip(lls, it.choices, strict=True)]
+            pred, pred_n = max(range(len(lls)), key=lls.__getitem__), max(range(len(norm)), key=norm.__getitem__)
+            row.update(loglik=lls, pred=pred, pred_norm=pred_n, correct=pred == it.gold, correct_norm=pred_n == it.gold)
+            acc.append(float(pred == it.gold))
+            acc_norm.append(float(pred_n == it.gold))
+        _skips(task, rows, "skip_likelihood")
+        r.metrics += [Metric("acc", *mean_se(acc), len(acc), "likelihood"),
+                      Metric("acc_norm", *mean_se(acc_norm), len(acc_norm), "likelihood")]
+    if gen:
+        with progress() as bar:
+            job = bar.add_task(f"{task.name} generation", total=len(prompts), unit="items")
+            outs = []
+            for b in range(0, len(prompts), 16):
+                outs += generation_mc.select_by_generation(
+                    model, tok, prompts[b : b + 16], [len(items[i].choices) for i in prompt_rows[b : b + 16]],
+                    cfg.bos, cfg.max_new_tokens)
+                bar.advance(job, len(prompts[b : b + 16]))
+        correct = []
+        for i, g in zip(prompt_rows, outs, strict=True):
+            rows[i].update(gen_output=g.output, gen_pred=g.pred, gen_correct=g.pred == items[i].gold)
+            correct.append(float(g.pred == items[i].gold))
+        _skips(task, rows, "skip_generation")
+        unparsed = [float(not g.parsed) for g in outs]
+        r.metrics += [Metric("acc", *mean_se(correct), len(correct), "generation"),
+                      Metric("unparseable", *mean_se(unparsed), len(unparsed), "generation")]
+    r.rows = rows
+
+
+def _skips(task: Task, rows: list[dict[str, Any]], key: str) -> None:
+    for row in rows:
+        if key in row:
+            task.skip(f"{key.removeprefix('skip_')}:{row[key]}")
+
+
+def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+    items: list[LambadaItem] = r.task.items
+    hit = getattr(r.task, "items_contaminated", [False] * len(items))
+    reqs, idx, rows = [], [], []
+    for i, it in enumerate(items):
+        ctx, conts = context_ids(tok, it.context, [it.target])
+        req = _with_bos(cfg, tok, Request(ctx, conts))
+        row: dict[str, Any] = {"id": it.id, "target": it.target}
+        if cfg.contamination:
+            row["contaminated"] = hit[i]
+        if request_length(req) > model.cfg.max_seq_len:
+            row["skip"] = "longer_than_context"
+        else:
+            reqs.append(req)
+            idx.append(i)
+        rows.append(row)
+    scores = _score(cfg, model, r, reqs, "last word")
+    lls, acc = [], []
+    for i, sc in zip(idx, scores, strict=True):
+        s = sc[0]
+        rows[i].update(loglik=s.loglik, greedy=s.greedy, n_tokens=s.n_tokens)
+        lls.append(s.loglik)
+        acc.append(float(s.greedy))
+    _skips(r.task, rows, "skip")
+    m, se = mean_se(lls)
+    ppl = math.exp(-m) if lls else float("nan")
+    r.metrics += [Metric("acc", *mean_se(acc), len(acc), "greedy"),
+                  Metric("perplexity", ppl, ppl * se, len(lls), "likelihood")]
+    r.rows = rows
+
+
+def _run_ppl(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+    items = r.task.items
+    hit = getattr(r.task, "items_contaminated", [False] * len(items))
+    reqs, owner, rows = [], [], []
+    for i, it in enumerate(items):
+        doc_reqs = perplexity.doc_requests(tok, it.text(), model.cfg.max_seq_len)
+        row: dict[str, Any] = {"id": it.id}
+        if cfg.contamination:
+            row["contaminated"] = hit[i]
+        if not doc_reqs:
+            row["skip"] = "no_tokens"
+        rows.append(row)
+        reqs += doc_reqs
+        owner += [i] * len(doc_reqs)
+    scores = _score(cfg, model, r, reqs, "windows")
+    ll = [0.0] * len(items)
+    ntok = [0] * len(items)
+    for i, sc in zip(owner, scores, strict=True):
+        ll[i] += sc[0].loglik
+        ntok[i] += sc[0].n_tokens
+    keep = [i for i, row in enumerate(rows) if "skip" not in row]
+    words, nbytes = [], []
+    for i in keep:
+        text = items[i].text()
+        w, b = perplexity.count_words(text), len(text.encode("utf-8"))
+        rows[i].update(loglik=ll[i], tokens=ntok[i], words=w, bytes=b)
+        words.append(w)
+        nbytes.append(b)
+    _skips(r.task, rows, "skip")
+    if keep:
+        mets = perplexity.corpus_metrics([ll[i] for i in keep], [ntok[i] for i in keep], words, nbytes)
+        r.metrics += [Metric(k, v, se, len(keep), "rolling") for k, (v, se) in mets.items()]
+    r.rows = rows

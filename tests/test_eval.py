@@ -1,0 +1,252 @@
+"""llmctl eval on a real tiny model (trained tokenizer, llmctl run, exported transformers dir)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from test_generate import make_run, train_tokenizer
+
+from llmctl.errors import UsageError
+from llmctl.eval.contamination import find_contaminated, item_grams
+from llmctl.eval.generation_mc import parse_letter
+from llmctl.eval.multiple_choice import Request, reference_score, score_requests, split_pair
+from llmctl.eval.perplexity import rolling_windows
+from llmctl.eval.runner import EvalConfig, run_eval
+from llmctl.eval.tasks import load_mmlu, load_task
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.generate import SentencePieceTokenizer
+from llmctl.model.hf import ExportConfig, export_hf
+
+QUESTIONS = [
+    ("What do bees make?", ["honey", "steel", "glass"], 0),
+    ("Which animal barks?", ["a cat", "a dog", "a fish", "a bird"], 1),
+    ("def main(argv): returns", ["0", "a string of text", "None"], 0),
+    ("The capital of France is", ["Berlin", "Madrid", "Paris"], 2),
+    ("Water freezes at", ["zero degrees", "one hundred degrees"], 0),
+    ("for i in range(10): print", ["(i)", "[i]"], 0),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(llmctl run, exported transformers dir, tokenizer) of one tiny GQA model, context 128."""
+    root = tmp_path_factory.mktemp("evalmodel")
+    spm = train_tokenizer(root / "tok")
+    make_run(root / "run", spm, seed=3, n_kv_head=2, max_seq_len=128)
+    export_hf(ExportConfig(run=root / "run", out=root / "hf"))
+    return root / "run", root / "hf", SentencePieceTokenizer(spm)
+
+
+def write_task(d: Path, rows: list[dict], **spec) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    s = {"name": "qa", "data": "items.jsonl", "template": "Question: {q}\nAnswer:", "choices": "opts", "gold": "label"}
+    s.update(spec)
+    (d / "spec.json").write_text(json.dumps(s), encoding="utf-8")
+    return d / "spec.json"
+
+
+def qa_rows():
+    return [{"q": q, "opts": o, "label": g} for q, o, g in QUESTIONS]
+
+
+def test_batched_shared_context_scoring_equals_one_by_one_uncached():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=48,
+                                init_std=0.15, qk_norm=True)).eval()
+    rng = random.Random(1)
+    reqs = []
+    for _ in range(30):
+        ctx = [rng.randrange(300) for _ in range(rng.randint(1, 30))]
+        conts = [[rng.randrange(300) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 4))]
+        if len(ctx) + max(map(len, conts)) - 1 <= 48:
+            reqs.append(Request(ctx, conts))
+    got = score_requests(m, reqs, max_batch_tokens=300)  # several batches, different pads
+    alone = [score_requests(m, [r])[0] for r in reqs[:5]]
+    greedy_seen = False
+    for k, (r, scores) in enumerate(zip(reqs, got, strict=True)):
+        for c, s in zip(r.continuations, scores, strict=True):
+            ref = reference_score(m, r.context, c)
+            assert abs(ref.loglik - s.loglik) < 1e-4 and ref.greedy == s.greedy and s.n_tokens == len(c)
+            greedy_seen |= s.greedy
+        if k < 5:
+            assert [s.loglik for s in alone[k]] == pytest.approx([s.loglik for s in scores], abs=1e-5)
+    with pytest.raises(ValueError):
+        score_requests(m, [Request([1] * 40, [[2] * 10])])
+
+
+def test_context_split_moves_trailing_spaces_and_tokenises_together(models):
+    tok = models[2]
+    ctx, cont = split_pair(tok, "Question: the fox  ", "jumps")
+    assert ctx == tok.encode("Question: the fox")
+    assert ctx + cont == tok.encode("Question: the fox  jumps")
+    assert tok.decode(cont) == "  jumps"
+
+
+def test_rolling_windows_score_every_token_once():
+    toks = list(range(100, 337))
+    for L in (16, 50, 237, 400):
+        wins = rolling_windows(toks, 1, L)
+        targets = [t for _, b in wins for t in b]
+        assert targets == toks
+        assert wins[0][0] == [1]
+        for a, b in wins:
+            assert len(a) + len(b) - 1 <= L and a  # fits the context, has a context
+        for a, b in wins[1:]:
+            assert a[-1] == toks[toks.index(b[0]) - 1]  # the context ends right before the targets
+    assert rolling_windows([], 1, 8) == []
+
+
+def test_strict_letter_parsing():
+    assert parse_letter(" B", 4) == 1
+    assert parse_letter("C.", 4) == 2
+    assert parse_letter(" A) because", 4) == 0
+    assert parse_letter("D", 4) == 3
+    for bad in ("E", " b", "The answer is B", "", "AB", " (A)"):
+        assert parse_letter(bad, 4) is None
+
+
+def test_eval_run_and_export_agree_and_results_are_complete(models, tmp_path):
+    run, hf, tok = models
+    spec = write_task(tmp_path / "task", qa_rows())
+    doc = tmp_path / "doc.txt"
+    doc.write_text(Path(__file__).read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    out = {}
+    for name, model in (("run", run), ("hf", hf)):
+        run_eval(EvalConfig(model=str(model), tasks=[f"jsonl:{spec}", f"ppl:{doc}"], out=str(tmp_path / name),
+                            protocol="both", num_fewshot=1))
+        out[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert out["run"]["model_kind"] == "llmctl run" and out["hf"]["model_kind"] == "transformers directory"
+    key = lambda r: (r["task"], r["metric"], r["protocol"])  # noqa: E731
+    a = {key(r): r for r in out["run"]["results"]}
+    b = {key(r): r for r in out["hf"]["results"]}
+    assert set(a) == set(b) == {
+        ("qa", "acc", "likelihood"), ("qa", "acc_norm", "likelihood"), ("qa", "acc", "generation"),
+        ("qa", "unparseable", "generation"), ("ppl", "token_perplexity", "rolling"),
+        ("ppl", "word_perplexity", "rolling"), ("ppl", "byte_perplexity", "rolling"), ("ppl", "bits_per_byte", "rolling"),
+    }
+    for k in a:
+        assert a[k]["value"] == pytest.approx(b[k]["value"], abs=1e-5)
+        assert a[k]["n"] == b[k]["n"]
+    assert a[("qa", "acc", "likelihood")]["n"] == len(QUESTIONS)
+
+    # per-item file: the chosen answer is the argmax of the log-likelihoods written beside it
+    items = [json.loads(x) for x in (tmp_path / "run" / "items-qa.jsonl").read_text().splitlines()]
+    assert len(items) == len(QUESTIONS)
+    n_correct = 0
+    for it, (_, opts, gold) in zip(items, QUESTIONS, strict=True):
+        assert len(it["loglik"]) == len(opts) and it["gold"] == gold
+        assert it["pred"] == max(range(len(opts)), key=lambda i: it["loglik"][i])
+        norm = [ll / len(o) for ll, o in zip(it["loglik"], opts, strict=True)]
+        assert it["pred_norm"] == max(range(len(opts)), key=lambda i: norm[i])
+        n_correct += it["pred"] == gold
+        assert "gen_output" in it and (it["gen_pred"] is None or 0 <= it["gen_pred"] < len(opts))
+    assert a[("qa", "acc", "likelihood")]["value"] == pytest.approx(n_correct / len(QUESTIONS))
+
+    # the perplexity metrics are one corpus sum seen through different units
+    ppl = json.loads((tmp_path / "run" / "items-ppl.jsonl").read_text().splitlines()[0])
+    assert ppl["tokens"] == len(tok.encode(doc.read_text()))
+    bpb = a[("ppl", "bits_per_byte", "rolling")]["value"]
+    assert bpb == pytest.approx(-ppl["loglik"] / ppl["bytes"] / math.log(2))
+    assert a[("ppl", "byte_perplexity", "rolling")]["value"] == pytest.approx(2**bpb)
+    assert a[("ppl", "token_perplexity", "rolling")]["value"] == pytest.approx(math.exp(-ppl["loglik"] / ppl["tokens"]))
+    assert ppl["tokens"] > 2 * 128  # several windows
+
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["stage"] == "eval" and m["params"]["ngram"] == 13 and m["params"]["protocol"] == "both"
+    manifest, runs = run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}", f"ppl:{doc}"],
+                                         out=str(tmp_path / "run"), protocol="both", num_fewshot=1))
+    assert runs == []  # no-op rerun
+
+
+def test_cli_table_and_bad_inputs(models, tmp_path, llmctl):
+    run, hf, _ = models
+    rows = qa_rows()
+    rows.append({"q": "missing options"})  # missing field
+    rows.append({"q": "x", "opts": ["a", "b"], "label": 5})  # gold out of range
+    rows.append({"q": "long " * 200, "opts": ["a", "b"], "label": 0})  # longer than the context
+    spec = write_task(tmp_path / "t", rows)
+    r = llmctl("eval", str(hf), "--task", f"jsonl:{spec}", "--protocol", "likelihood", "--out", str(tmp_path / "o"))
+    code, out, err = r.code, r.out, r.err
+    assert code == 0, err
+    assert "acc_norm" in out and "likelihood" in out
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    acc = next(r for r in res["results"] if r["metric"] == "acc")
+    assert acc["n"] == len(QUESTIONS)
+    assert acc["settings"]["skipped"] == {"missing_field": 1, "gold_out_of_range": 1,
+                                          "likelihood:longer_than_context": 1}
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": "items.jsonl", "template": "{q}"}))
+    r = llmctl("eval", str(run), "--task", f"jsonl:{bad}", "--out", str(tmp_path / "o2"))
+    code, out, err = r.code, r.out, r.err
+    assert code == 2 and "lacks choices, gold" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+    only_bad = write_task(tmp_path / "t3", [{"q": "x", "opts": ["a"], "label": 3}])
+    with pytest.raises(UsageError, match="no usable item"):
+        run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{only_bad}"], out=str(tmp_path / "o3")))
+    with pytest.raises(UsageError, match="KIND:PATH"):
+        run_eval(EvalConfig(model=str(run), tasks=["nope:x"], out=str(tmp_path / "o4")))
+    with pytest.raises(UsageError):
+        run_eval(EvalConfig(model=str(tmp_path), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o5")))
+    assert not any((tmp_path / f"o{i}").exists() for i in (3, 4, 5))
+
+def test_contamination_flags_and_decontaminate_scores_only_clean(models, tmp_path):
+    run = models[0]
+    spec = write_task(tmp_path / "t", qa_rows())
+    train = tmp_path / "train.jsonl"
+    leak = "Question: The capital of France is\nAnswer: Berlin Madrid Paris, which everyone knows"
+    train.write_text(json.dumps({"text": "unrelated words " * 20}) + "\n" + json.dumps({"text": leak}) + "\n")
+    task = load_task(f"jsonl:{spec}")
+    hit, stats = find_contaminated([x.text() for x in task.items], train, n=8)
+    assert hit == [False, False, False, True, False, False] and stats["training_docs"] == 2
+    assert item_grams("A b c", 13) == {("a", "b", "c")}
+    run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o"), protocol="likelihood",
+                        contamination=str(train), ngram=8, decontaminate=True))
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    acc = res["results"][0]
+    assert acc["n"] == len(QUESTIONS) - 1 and acc["settings"]["contaminated"] == 1
+    ids = [json.loads(x)["id"] for x in (tmp_path / "o" / "items-qa.jsonl").read_text().splitlines()]
+    assert "qa/3" not in ids and len(ids) == 5
+    with pytest.raises(UsageError, match="--decontaminate needs"):
+        run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o9"), decontaminate=True))
+
+
+def test_fewshot_is_seeded_and_never_the_item_itself(models, tmp_path):
+    from llmctl.eval.runner import fewshot
+
+    task = load_task(f"jsonl:{write_task(tmp_path / 't', qa_rows())}")
+    for it in task.items:
+        a = fewshot(it, task.items, 3, seed=7)
+        assert a == fewshot(it, task.items, 3, seed=7) and it not in a and len(a) == 3
+    draws = {tuple(x.id for x in fewshot(task.items[0], task.items, 3, seed=s)) for s in range(10)}
+    assert len(draws) > 1
+    with pytest.raises(UsageError, match="only 5 other items"):
+        fewshot(task.items[0], task.items, 6, seed=0)
+
+
+def test_shared_loaders_read_the_real_files(shared_data):
+    ev = shared_data / "eval"
+    mmlu = load_mmlu(ev / "mmlu-dev")
+    assert len(mmlu.items) == 285 and not mmlu.skipped
+    it = mmlu.items[0]
+    assert it.choices == ["A", "B", "C", "D"] and it.context.endswith("\nAnswer:") and "\nD. " in it.context
+    assert it.description.startswith("The following are multiple choice questions (with answers) about abstract algebra")
+    piqa = load_task(f"piqa:{ev / 'piqa-valid.jsonl'}")
+    assert len(piqa.items) == 1838 and {x.gold for x in piqa.items} == {0, 1}
+    assert piqa.items[0].context.startswith("Question: How do I ready a guinea pig cage")
+    lam = load_task(f"lambada:{ev / 'lambada-test.jsonl'}")
+    assert len(lam.items) == 5153 and all(x.target.startswith(" ") and " " not in x.target[1:] for x in lam.items[:50])
