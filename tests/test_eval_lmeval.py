@@ -1,0 +1,114 @@
+"""Evidence of correctness: lm-evaluation-harness and llmctl eval agree on the same exported model
+and the same local task files (acc, acc_norm, bits-per-byte and every per-item log-likelihood).
+
+lm-eval is a dev-only peer tool with its own venv (it pulls many packages we do not want in the
+project's): the test drives ``$LLMCTL_LMEVAL_VENV`` (default ``../peers/lmeval-venv`` beside the
+checkout) offline with local task YAMLs, and skips cleanly when that venv is absent. Set it up
+with ``python3 -m venv ../peers/lmeval-venv && ../peers/lmeval-venv/bin/pip install torch==2.13.0
+lm-eval transformers accelerate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_eval import _one_thread, models, qa_rows, write_task  # noqa: F401  (fixtures)
+
+from llmctl.eval.runner import EvalConfig, run_eval
+
+VENV = Path(os.environ.get("LLMCTL_LMEVAL_VENV", Path(__file__).resolve().parents[2] / "peers" / "lmeval-venv"))
+LM_EVAL = VENV / "bin" / "lm_eval"
+
+MORE = [
+    {"q": "The sun rises in the", "opts": ["east", "west", "north side of the valley"], "label": 0},
+    {"q": "日本語のテキストです。東京と", "opts": ["大阪", "京都"], "label": 0},
+    {"q": "Emoji: 😀 means  ", "opts": ["happy", "sad and tired"], "label": 0},  # trailing spaces move
+    {"q": "import numpy as", "opts": ["np", "pd", "torch"], "label": 0},
+]
+
+MC_YAML = """task: llmctl_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+doc_to_choice: opts
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+PPL_YAML = """task: llmctl_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+def run_lm_eval(hf: Path, tasks_dir: Path, out: Path) -> tuple[dict, dict[str, list[dict]]]:
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(out / "hf-home"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [str(LM_EVAL), "--model", "hf", "--model_args", f"pretrained={hf},dtype=float32,add_bos_token=False",
+         "--tasks", "llmctl_qa,llmctl_ppl", "--include_path", str(tasks_dir), "--device", "cpu",
+         "--batch_size", "4", "--output_path", str(out), "--log_samples"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(next(out.rglob("results_*.json")).read_text())
+    samples = {t: [json.loads(x) for x in next(out.rglob(f"samples_{t}_*.jsonl")).read_text().splitlines()]
+               for t in ("llmctl_qa", "llmctl_ppl")}
+    return res, samples
+
+
+@pytest.mark.skipif(not LM_EVAL.is_file(), reason=f"lm-eval peer venv absent ({VENV}); see the module docstring")
+def test_lm_eval_harness_agrees_on_acc_acc_norm_and_bits_per_byte(models, tmp_path):  # noqa: F811
+    _, hf, tok = models
+    spec = write_task(tmp_path / "t", qa_rows() + MORE)
+    docs = tmp_path / "docs.jsonl"
+    texts = [Path(__file__).read_text(encoding="utf-8")[:5000], "Short doc.", "Ünïcödé ñ ß — 日本語のテキスト 😀 " * 30]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    assert len(tok.encode(texts[0])) > 3 * 128  # several rolling windows, and a short last one
+    yd = tmp_path / "yaml"
+    yd.mkdir()
+    (yd / "llmctl_qa.yaml").write_text(MC_YAML.format(data=spec.parent / "items.jsonl"))
+    (yd / "llmctl_ppl.yaml").write_text(PPL_YAML.format(data=docs))
+    res, samples = run_lm_eval(hf, yd, tmp_path / "lmeval")
+
+    run_eval(EvalConfig(model=str(hf), tasks=[f"jsonl:{spec}", f"ppl:{docs}"], out=str(tmp_path / "ours"),
+                        protocol="likelihood"))
+    ours = {(r["task"], r["metric"]): r["value"] for r in json.loads((tmp_path / "ours" / "results.json").read_text())["results"]}
+    theirs_qa, theirs_ppl = res["results"]["llmctl_qa"], res["results"]["llmctl_ppl"]
+    assert ours[("qa", "acc")] == pytest.approx(theirs_qa["acc,none"], abs=1e-4)
+    assert ours[("qa", "acc_norm")] == pytest.approx(theirs_qa["acc_norm,none"], abs=1e-4)
+    assert ours[("ppl", "bits_per_byte")] == pytest.approx(theirs_ppl["bits_per_byte,none"], abs=1e-4)
+    assert ours[("ppl", "byte_perplexity")] == pytest.approx(theirs_ppl["byte_perplexity,none"], rel=1e-4)
+    assert ours[("ppl", "word_perplexity")] == pytest.approx(theirs_ppl["word_perplexity,none"], rel=1e-4)
+
+    # stronger than the aggregates: every choice's log-likelihood and every document's
+    assert len(samples["llmctl_qa"]) == len(qa_rows() + MORE) and len(samples["llmctl_ppl"]) == len(texts)
+    items = [json.loads(x) for x in (tmp_path / "ours" / "items-qa.jsonl").read_text().splitlines()]
+    for s in samples["llmctl_qa"]:
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        assert items[s["doc_id"]]["loglik"] == pytest.approx(lls, abs=1e-4)
+    docs_ll = [json.loads(x)["loglik"] for x in (tmp_path / "ours" / "items-ppl.jsonl").read_text().splitlines()]
+    for s in samples["llmctl_ppl"]:
+        theirs = s["filtered_resps"][0]
+        theirs = float(theirs[0] if isinstance(theirs, list) else theirs)
+        assert docs_ll[s["doc_id"]] == pytest.approx(theirs, abs=1e-3)
