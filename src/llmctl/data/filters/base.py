@@ -30,7 +30,9 @@ _TOKEN_RE = re.compile(
     | (?:[^\W\d_]\.)+(?!\w)                           # initials and acronyms: A., U.S., e.g.
     | \d+(?:[.,:]\d+)+                                # 3.5, 1,000, 10:30
     | _                                               # underscores alone, one per token
-    | \w+(?:['’]\w+)*                                 # words, contractions split below
+    | \w+(?:(?:['’]|\.(?=[^\W_A-Z])|[()\[\]{}*+^~|@#$%&\\])\w+)*   # words; marks glued inside a word
+                                                      # stay (d.name, f(x)), as spaCy only splits
+                                                      # prefixes, suffixes and a few infixes
     | \.{2,} | -{2,}                                  # "..." and "--" are one token each
     | [^\w\s]                                         # any other mark is a token of its own
     """,
