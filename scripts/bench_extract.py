@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,17 +52,76 @@ LocalPipelineExecutor(
 """
 
 
+class TreeCPU:
+    """CPU seconds (user + system) used by a process and all its descendants, sampled from /proc.
+
+    Wall time on a shared machine measures our share of contended cores; CPU seconds per page do not
+    depend on what else runs. Short-lived processes may be missed by up to one sampling interval.
+    """
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval = root, interval
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _sample(self) -> None:
+        parent, cpu = {}, {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parent[int(d)] = int(rest[1])
+            cpu[int(d)] = (int(rest[11]) + int(rest[12])) / self._tick
+        tree, frontier = {self.root}, [self.root]
+        children: dict[int, list[int]] = {}
+        for pid, pp in parent.items():
+            children.setdefault(pp, []).append(pid)
+        while frontier:
+            for c in children.get(frontier.pop(), []):
+                if c not in tree:
+                    tree.add(c)
+                    frontier.append(c)
+        for pid in tree:
+            if pid in cpu:
+                self.seen[pid] = max(self.seen.get(pid, 0.0), cpu[pid])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return sum(self.seen.values())
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meter = TreeCPU(p.pid)
+    rc = p.wait()
+    wall = time.perf_counter() - t
+    cpu = meter.stop()
+    if rc != 0:
+        raise SystemExit(f"{cmd[:4]}… exited with {rc}")
+    return wall, cpu
+
+
 def run_ours(warc: Path, out: Path, workers: int, timeout: float) -> tuple[float, int, dict]:
     env = {**os.environ, "LLMCTL_PROGRESS": "0"}
-    t = time.perf_counter()
-    subprocess.run(
+    wall, cpu = _timed(
         [sys.executable, "-m", "llmctl", "extract", str(warc), "--out", str(out), "--workers", str(workers),
-         "--timeout", str(timeout), "--force"],
-        check=True, env=env, stdout=subprocess.DEVNULL,
-    )
-    wall = time.perf_counter() - t
+         "--timeout", str(timeout), "--force"], env)
     stats = json.loads((out / "manifest.json").read_text())["stats"]
-    return wall, stats["docs"], stats
+    return wall, stats["docs"], cpu, stats
 
 
 def run_datatrove(python: str, warc: Path, out: Path, tasks: int, timeout: float, pythonpath: str | None):
@@ -70,15 +130,13 @@ def run_datatrove(python: str, warc: Path, out: Path, tasks: int, timeout: float
         env["PYTHONPATH"] = pythonpath
     for p in (out, Path(str(out) + "-logs")):
         subprocess.run(["rm", "-rf", str(p)], check=True)
-    t = time.perf_counter()
-    subprocess.run([python, "-c", DATATROVE_JOB, str(warc.parent), warc.name, str(out), str(tasks), str(timeout)],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t
+    wall, cpu = _timed([python, "-c", DATATROVE_JOB, str(warc.parent), warc.name, str(out), str(tasks), str(timeout)],
+                       env)
     docs = 0
     for f in out.glob("*.jsonl.gz"):
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             docs += sum(1 for _ in fh)
-    return wall, docs
+    return wall, docs, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,30 +173,33 @@ def main(argv: list[str] | None = None) -> None:
                            lambda: run_datatrove(a.datatrove_python, warc, tmp / "dt1t2", 1, a.timeout, a.datatrove_traf2)))
     contenders.append(("dt2", "datatrove 2 tasks/workers (trafilatura 1.11)",
                        lambda: run_datatrove(a.datatrove_python, warc, tmp / "dt2", 2, a.timeout, None)))
+    if not Path(a.datatrove_python).exists():
+        print(f"note: {a.datatrove_python} not found; install datatrove as in this script's docstring to compare")
+        contenders = [c for c in contenders if not c[0].startswith("dt")]
     if a.only:
         keep = set(a.only.split(","))
         contenders = [c for c in contenders if c[0] in keep]
     for rnd in range(a.repeat):
         for key, label, fn in contenders:
-            res = fn()
-            wall, docs = res[0], res[1]
-            r = rows.setdefault(key, {"label": label, "walls": [], "docs": docs})
+            wall, docs, cpu = fn()[:3]
+            r = rows.setdefault(key, {"label": label, "walls": [], "cpus": [], "docs": docs})
             r["walls"].append(wall)
-            if len(res) > 2:
-                r["inner_dps"] = res[2]["docs_per_second"]
-            print(f"  round {rnd + 1}: {label:48s} {wall:7.1f} s  {pages / wall:6.1f} pages/s  {docs} docs  "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            r["cpus"].append(cpu)
+            print(f"  round {rnd + 1}: {label:48s} {wall:7.1f} s  {pages / wall:6.1f} pages/s  cpu {cpu:7.1f} s  "
+                  f"{docs} docs  (load {os.getloadavg()[0]:.2f})", flush=True)
 
-    print(f"\n{'contender':48s} {'best s':>8s} {'pages/s':>8s} {'docs':>6s}")
+    print(f"\n{'contender':48s} {'best s':>8s} {'pages/s':>8s} {'cpu s':>8s} {'pages/cpu-s':>12s} {'docs':>6s}")
     for r in rows.values():
         r["best"] = min(r["walls"])
         r["rate"] = pages / r["best"]
-        print(f"{r['label']:48s} {r['best']:8.1f} {r['rate']:8.1f} {r['docs']:6d}")
+        r["cpu"] = min(r["cpus"])
+        print(f"{r['label']:48s} {r['best']:8.1f} {r['rate']:8.1f} {r['cpu']:8.1f} {pages / r['cpu']:12.1f} {r['docs']:6d}")
     base = rows.get("dt1")
     if base:
         for key in ("ours1", "ours2"):
             if key in rows:
-                print(f"ratio {rows[key]['label']} / datatrove 1 task (traf 1.11): {rows[key]['rate'] / base['rate']:.2f}×")
+                print(f"ratio {rows[key]['label']} / datatrove 1 task (traf 1.11): {rows[key]['rate'] / base['rate']:.2f}× "
+                      f"wall, {base['cpu'] / rows[key]['cpu']:.2f}× pages per CPU-second")
     for other in ("dt1-traf2", "dt2"):
         if other in rows:
             for key in ("ours1", "ours2"):
