@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=10_000, help="documents to build if --docs-dir is empty")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--workers", type=int, default=1, help="llmctl --workers (datatrove always runs one)")
+    ap.add_argument("--jaccard-threshold", type=float, default=None,
+                    help="llmctl --jaccard-threshold (0: unverified banding, as datatrove; default: llmctl's)")
+    ap.add_argument("--skip-datatrove", action="store_true",
+                    help="reuse datatrove's output and timing from an earlier run in the same --work")
     a = ap.parse_args()
     if not (a.docs_dir / "manifest.json").is_file():
         subprocess.run([PY, str(ROOT / "scripts" / "make_bench_docs.py"), "--out", str(a.docs_dir),
@@ -96,10 +102,23 @@ def main() -> int:
                          columns=["id", "planted_dup_of", "planted_dup_kind"]).to_pylist()
     n = len(docs)
 
+    extra = [] if a.jaccard_threshold is None else ["--jaccard-threshold", str(a.jaccard_threshold)]
+    shutil.rmtree(work / "ours-rejected", ignore_errors=True)
+    load_before = os.getloadavg()
     ours = measured([PY, "-m", "llmctl", "dedup", str(a.docs_dir), "--out", str(work / "ours"),
-                     "--keep-rejected", str(work / "ours-rejected"), "--workers", str(a.workers), "--force"])
+                     "--keep-rejected", str(work / "ours-rejected"), "--workers", str(a.workers), "--force", *extra])
     dtw = work / "dt"
-    dt = measured([str(DT_VENV / "bin" / "python"), "-c", DATATROVE, str(a.docs_dir), str(dtw)])
+    dt_timing = work / "dt-timing.json"
+    if a.skip_datatrove and dt_timing.is_file():
+        dt = json.loads(dt_timing.read_text())
+        print(f"datatrove: reused from {dt_timing} (load then {dt.get('load')})")
+    else:
+        shutil.rmtree(dtw, ignore_errors=True)
+        dt = measured([str(DT_VENV / "bin" / "python"), "-c", DATATROVE, str(a.docs_dir), str(dtw)])
+        dt["load"] = [round(x, 1) for x in os.getloadavg()]
+        dt_timing.write_text(json.dumps(dt))
+    print(f"load average (1, 5, 15 min) before llmctl: {[round(x, 1) for x in load_before]}, "
+          f"after datatrove: {[round(x, 1) for x in os.getloadavg()]} on {os.cpu_count()} cores")
 
     manifest = json.loads((work / "ours" / "manifest.json").read_text())
     rej = pq.read_table(sorted((work / "ours-rejected").glob("rejected-*.parquet")),

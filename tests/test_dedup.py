@@ -1,15 +1,19 @@
 """llmctl dedup: normalisation, signatures, planted near-duplicates, exact copies, boilerplate lines,
-determinism across workers, resume, the Redis-shared index, the CLI and bad inputs."""
+determinism across workers, resume, the Redis-shared index, the CLI and bad inputs.
+
+Kept fast on a shared 2-core machine: one global reference run (module scope) is shared by the tests
+that compare against it, the CLI runs in-process through ``llmctl.cli.main`` except for one
+console-script exit code, and the tasks of the Redis job array run as threads of this process, each
+with its own Redis connection and its own output, meeting at the shared index's barrier."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import socket
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,12 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from datasketch import MinHash
+from datasketch import MinHash, MinHashLSH
 
+from llmctl.cli import main as llmctl_main
 from llmctl.data import dedup as D
+from llmctl.data import dedup_lsh as L
 from llmctl.data.dedup_minhash import Signer
 from llmctl.data.docs import doc_id, schema, write_table
-from llmctl.data.text import jaccard, ngrams, normalize, shingles, words
+from llmctl.data.text import jaccard, ngrams, normalize, normalize_lines, shingles, words
 from llmctl.errors import UsageError
 
 LEVELS = [0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
@@ -109,6 +115,27 @@ def _run(src, out, **kw) -> dict:
     return D.run(cfg)
 
 
+@pytest.fixture(scope="module")
+def reference(planted, tmp_path_factory) -> dict:
+    """One global in-memory run over the planted docs (all methods, one worker), shared by the tests
+    that compare other runs (workers, resume, Redis) with it."""
+    d = tmp_path_factory.mktemp("reference")
+    m = _run(planted["folder"], d / "out", keep_rejected=d / "rej")
+    return {"manifest": m, "out": d / "out", "rej": d / "rej", "kept": _ids(d / "out"), "rejected": _rejected(d / "rej")}
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """``llmctl ARGS`` in this process (the console script's main); returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        llmctl_main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
 # ---- normalisation and signatures -------------------------------------------------------------
 def test_normalize_folds_case_punctuation_digits_and_accents():
     assert normalize("Héllo, WÖRLD!  It's 2024-05-01.") == "hello world it s 0 0 0"
@@ -135,13 +162,58 @@ def test_vectorised_signatures_equal_datasketch_minhash():
     assert (sig[2] == np.iinfo(np.uint64).max).all()
 
 
+def test_normalize_lines_equals_normalize_of_each_line():
+    rng = random.Random(3)
+    alphabet = list("abcXYZ 019\n\n\t\r,.!é\u0301ÉΣσς\u00a0\u2028\x00\x1c\x85ﬁ０９Ａ—…'ǅİß")
+    for _ in range(3000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert normalize_lines(t) == [normalize(x) for x in t.split("\n")], repr(t)
+
+
+def test_batched_shingles_and_line_hashes_match_per_document():
+    rng = random.Random(4)
+    signer = Signer(16, 1, 5)
+    docs = [[f"w{rng.randint(0, 30)}" for _ in range(rng.choice([0, 1, 4, 5, 6, 50]))] for _ in range(300)]
+    w = signer.shingler.word_hashes([x for d in docs for x in d])
+    hv, counts = signer.shingler.batch_hashes(w, np.array([len(d) for d in docs]))
+    assert np.array_equal(hv, np.concatenate([signer.shingler.hashes(d) for d in docs]))
+    assert counts.tolist() == [len(signer.shingler.hashes(d)) for d in docs]
+    # a line's hash depends on its normalised words only, not on where it stands
+    lines = ["Accept all cookies!", "", "ACCEPT  all cookies", "all cookies accept", "x"]
+    toks = [words(x) for x in lines]
+    h = D._line_hashes(signer.shingler.word_hashes([x for t in toks for x in t]), np.array([len(t) for t in toks]))
+    assert h[0] == h[2] and h[1] == 0 and len({int(h[0]), int(h[3]), int(h[4])}) == 3 and (h[[0, 3, 4]] != 0).all()
+
+
+def test_memory_buckets_equal_datasketch_lsh_buckets():
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 2**63, size=(200, 16), dtype=np.uint64)
+    sig[1, :4] = sig[0, :4]  # share band 0
+    sig[7, 4:8] = sig[0, 4:8]  # share band 1
+    sig[9] = sig[3]  # share every band
+    sig[150:160, 8:12] = sig[149, 8:12]  # a bucket of 11
+    keys = np.arange(200, dtype=np.int64) + (5 << 32)
+    lsh = MinHashLSH(num_perm=16, params=(4, 4), prepickle=False)
+    with lsh.insertion_session() as s:
+        for k, row in zip(keys.tolist(), sig, strict=True):
+            s.insert(L.key_bytes(k), MinHash(num_perm=16, hashvalues=row, scheme="affine64"), check_duplication=False)
+    ref = sorted(L.band_buckets(lsh))
+
+    def values(pos, b):
+        return [sig[p, 4 * b : 4 * b + 4] for p in pos.tolist()]
+
+    ours = sorted(L.memory_buckets(keys, L.band_hashes(sig, 4, 4), values))
+    assert ours == ref and len(ref) == 4 + 3
+    # equal hashes with different band values (a forced collision) never merge two buckets
+    assert sorted(L.memory_buckets(keys, np.zeros((200, 4), dtype=np.uint64), values)) == ref
+
+
 # ---- planted pairs ------------------------------------------------------------------------------
-def test_planted_pairs_recall_precision_and_exact(planted, tmp_path):
-    m = _run(planted["folder"], tmp_path / "out", keep_rejected=tmp_path / "rej", methods=["exact", "near"])
-    rej = _rejected(tmp_path / "rej")
-    kept = set(_ids(tmp_path / "out"))
+def test_planted_pairs_recall_precision_and_exact(planted, reference):
+    m, rej, kept = reference["manifest"], reference["rejected"], set(reference["kept"])
     assert len(kept) + len(rej) == len(planted["text"])
     assert m["stats"]["docs_in"] == len(planted["text"])
+    assert m["stats"]["removed"]["boilerplate"] == 0  # every planted line is unique: only exact + near act
 
     by_level: dict[float, list[bool]] = {}
     partner_sim = {}
@@ -171,13 +243,13 @@ def test_planted_pairs_recall_precision_and_exact(planted, tmp_path):
     assert m["stats"]["near_clusters"] == len(near_removed)
 
 
-def test_survivors_identical_across_runs_and_worker_counts(planted, tmp_path):
-    a = _run(planted["folder"], tmp_path / "a", keep_rejected=tmp_path / "ra", workers=1)
-    b = _run(planted["folder"], tmp_path / "b", keep_rejected=tmp_path / "rb", workers=2)
-    assert _ids(tmp_path / "a") == _ids(tmp_path / "b")
-    assert _rejected(tmp_path / "ra") == _rejected(tmp_path / "rb")
+def test_survivors_identical_across_runs_and_worker_counts(planted, reference, tmp_path):
+    a = reference["manifest"]  # one worker, in this process
+    b = _run(planted["folder"], tmp_path / "b", keep_rejected=tmp_path / "rb", workers=2)  # a second run, 2 processes
+    assert reference["kept"] == _ids(tmp_path / "b")
+    assert reference["rejected"] == _rejected(tmp_path / "rb")
     assert a["stats"]["removed"] == b["stats"]["removed"]
-    for f in sorted((tmp_path / "a").glob("docs-*.parquet")):
+    for f in sorted(reference["out"].glob("docs-*.parquet")):
         assert pq.read_table(f).equals(pq.read_table(tmp_path / "b" / f.name))
 
 
@@ -220,8 +292,8 @@ def test_boilerplate_lines_removed_above_document_frequency(tmp_path):
 
 
 # ---- resume -----------------------------------------------------------------------------------
-def test_interrupted_run_resumes_and_equals_uninterrupted(planted, tmp_path, monkeypatch):
-    full = _run(planted["folder"], tmp_path / "full")
+def test_interrupted_run_resumes_and_equals_uninterrupted(planted, reference, tmp_path, monkeypatch):
+    full = reference["manifest"]
     real = D.write_shard
     calls = []
 
@@ -239,7 +311,7 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(planted, tmp_path, mon
     calls.clear()
     again = _run(planted["folder"], tmp_path / "part")
     assert again["resumed"] is True and len(calls) == 2  # the committed shard was not redone
-    assert _ids(tmp_path / "part") == _ids(tmp_path / "full")
+    assert _ids(tmp_path / "part") == reference["kept"]
     assert again["stats"]["removed"] == full["stats"]["removed"]
     assert _run(planted["folder"], tmp_path / "part").get("already_complete") is True
 
@@ -271,69 +343,78 @@ def redis_url(tmp_path):
     proc.wait(timeout=10)
 
 
-def test_redis_index_shared_by_job_array_equals_global_run(planted, tmp_path, redis_url, llmctl):
-    _run(planted["folder"], tmp_path / "local", keep_rejected=tmp_path / "rl")
-    # two tasks of a job array, started together, each with its own --out, sharing one Redis index
-    env = {**os.environ, "LLMCTL_PROGRESS": "0"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "llmctl", "dedup", str(planted["folder"]), "--out", str(tmp_path / f"t{i}"),
-             "--shard", f"{i}/2", "--lsh-storage", redis_url, "--keep-rejected", str(tmp_path / f"r{i}"),
-             "--wait-timeout", "120"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err
+def test_redis_index_shared_by_job_array_equals_global_run(planted, reference, tmp_path, redis_url):
+    """Two tasks of a job array, started together, each with its own --out, sharing one Redis index.
+
+    They run as threads of this process (each its own Redis connection, its own StageRun, the barrier
+    on the shared index in between); task 0 takes input shards 0 and 2 with two worker processes, so
+    pool processes insert into Redis too. Together the outputs must equal the global in-memory run."""
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def task(i: int) -> None:
+        try:
+            results[i] = _run(planted["folder"], tmp_path / f"t{i}", shard=f"{i}/2", lsh_storage=redis_url,
+                              keep_rejected=tmp_path / f"r{i}", wait_timeout=120, workers=2 - i)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert results[0]["run_id"] == results[1]["run_id"]  # one shared index, derived by both tasks
+    assert results[0]["stats"]["shards"] == 2 and results[1]["stats"]["shards"] == 1
     kept = sorted(_ids(tmp_path / "t0") + _ids(tmp_path / "t1"))
-    assert kept == sorted(_ids(tmp_path / "local"))
+    assert kept == sorted(reference["kept"])
     rej = {**_rejected(tmp_path / "r0"), **_rejected(tmp_path / "r1")}
-    assert rej == _rejected(tmp_path / "rl")
-    # one process, two workers writing into the shared index: the same result again
-    code = llmctl("dedup", planted["folder"], "--out", tmp_path / "w2", "--workers", "2", "--lsh-storage", redis_url,
-                  "--run-id", "second-run")
-    assert code.code == 0, code.err
-    assert _ids(tmp_path / "w2") == _ids(tmp_path / "local")
+    assert rej == reference["rejected"]
+    # the plan's cluster statistics are global in every task, equal to the in-memory run's
+    for key in ("exact_clusters", "near_clusters", "candidate_pairs", "verified_pairs"):
+        assert results[0]["stats"][key] == results[1]["stats"][key] == reference["manifest"]["stats"][key], key
 
 
 # ---- CLI and bad inputs -----------------------------------------------------------------------
-def test_cli_end_to_end_and_noop_rerun(planted, tmp_path, llmctl):
-    r = llmctl("dedup", planted["folder"], "--out", tmp_path / "out", "--num-perm", "128", "--bands", "16",
-               "--rows", "8", "--keep-rejected", tmp_path / "rej")
-    assert r.code == 0, r.err
-    assert "near duplicates" in r.out and "docs out" in r.out and "cluster sizes" in r.out
+def test_cli_end_to_end_and_noop_rerun(planted, tmp_path, capsys):
+    args = ["dedup", planted["folder"], "--out", tmp_path / "out", "--num-perm", "128", "--bands", "16",
+            "--rows", "8", "--keep-rejected", tmp_path / "rej"]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "near duplicates" in out and "docs out" in out and "cluster sizes" in out
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["stage"] == "dedup" and m["params"]["num_perm"] == 128 and m["params"]["bands"] == 16
     assert m["params"]["line_min_docs"] == 10 and m["params"]["lsh_storage"] == "memory"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "docs-00000.parquet", "docs-00001.parquet", "docs-00002.parquet", "manifest.json"]
-    again = llmctl("dedup", planted["folder"], "--out", tmp_path / "out", "--num-perm", "128", "--bands", "16",
-                   "--rows", "8", "--keep-rejected", tmp_path / "rej")
-    assert again.code == 0 and "already complete" in again.out
-    h = llmctl("dedup", "--help")
-    assert h.code == 0 and "Example" in h.out and "--lsh-storage" in h.out
+    code, out, _ = _cli(capsys, *args)
+    assert code == 0 and "already complete" in out
+    code, out, _ = _cli(capsys, "dedup", "--help")
+    assert code == 0 and "Example" in out and "--lsh-storage" in out
 
 
 def _one_line_error(r, *needles):
-    assert r.code == 2, (r.out, r.err)
-    lines = [x for x in r.err.strip().splitlines() if x.strip()]
-    assert len(lines) == 1, r.err
+    code, out, err = (r.code, r.out, r.err) if hasattr(r, "code") else r
+    assert code == 2, (out, err)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, err
     for n in needles:
         assert n in lines[0], lines[0]
 
 
-def test_bad_inputs_fail_with_one_line_before_any_work(tmp_path, llmctl):
+def test_bad_inputs_fail_with_one_line_before_any_work(tmp_path, llmctl, capsys):
     (tmp_path / "nocol").mkdir()
     pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "nocol" / "docs-00000.parquet")
+    # the console script's exit status and stderr, across a real process boundary (the one subprocess here)
     _one_line_error(llmctl("dedup", tmp_path / "nocol", "--out", tmp_path / "o1"), "missing column", "text")
     _write_docs(tmp_path / "ok", [[(doc_id("a"), "some words here for a document")]])
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _one_line_error(
-        llmctl("dedup", tmp_path / "ok", "--out", tmp_path / "o2", "--lsh-storage", f"redis://127.0.0.1:{port}"),
+        _cli(capsys, "dedup", tmp_path / "ok", "--out", tmp_path / "o2", "--lsh-storage", f"redis://127.0.0.1:{port}"),
         "cannot reach Redis", str(port))
     _write_docs(tmp_path / "empty", [[]])
     cases = [

@@ -49,9 +49,9 @@ from ..artifacts import MANIFEST, StageRun, input_record, params_fingerprint, wr
 from ..console import progress
 from ..errors import StageError, UsageError
 from . import dedup_lsh as L
-from .dedup_minhash import Signer
+from .dedup_minhash import _M, Signer, fmix64
 from .docs import BASE_COLUMNS, check_columns, list_shards, shard_filename, write_table
-from .text import normalize
+from .text import normalize_lines
 
 STAGE = "dedup"
 METHODS = ("exact", "near", "lines")
@@ -148,8 +148,45 @@ def _signer(num_perm: int, seed: int, ngram: int) -> Signer:
     return _SIGNERS[key]
 
 
-def _line_hash(line: str) -> int:
-    return int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "little")
+_LINE_MIX = np.uint64(0xD6E8FEB86659FD93)
+
+
+def _line_hashes(w: np.ndarray, words_per_line: np.ndarray) -> np.ndarray:
+    """One uint64 per line from the word hashes of its normalised words (0 for a line with none).
+
+    A polynomial over the words' 64-bit hashes (as for shingles), mixed with the line's word count
+    and finalised with fmix64: computed for every line of a batch in a few vector operations, from
+    the word hashes the MinHash step needs anyway. Equal normalised lines get equal hashes in every
+    process and on every machine.
+    """
+    out = np.zeros(len(words_per_line), dtype=np.uint64)
+    nonempty = np.flatnonzero(words_per_line)
+    if len(w) == 0 or len(nonempty) == 0:
+        return out
+    wpl = words_per_line[nonempty]
+    ends = np.cumsum(wpl)
+    starts = ends - wpl
+    # position of each word counted from its line's end: weight M ** (words after it in the line)
+    from_end = np.repeat(ends, wpl) - 1 - np.arange(len(w), dtype=np.int64)
+    pw = _powers(int(wpl.max()))
+    h = np.add.reduceat(w * pw[from_end], starts)
+    h = fmix64(h ^ (wpl.astype(np.uint64) * _LINE_MIX))
+    h[h == 0] = 1  # 0 marks a line with no words
+    out[nonempty] = h
+    return out
+
+
+_POW = np.ones(1, dtype=np.uint64)
+
+
+def _powers(need: int) -> np.ndarray:
+    """M ** i mod 2**64 for i < need (cached, grown on demand)."""
+    global _POW
+    if len(_POW) < need:
+        p = np.full(max(need, 2 * len(_POW)), _M, dtype=np.uint64)
+        p[0] = 1
+        _POW = np.cumprod(p)
+    return _POW[:need]
 
 
 def _redis_shard_key(basename: str, k: int) -> str:
@@ -166,38 +203,52 @@ def sign_shard(task: dict) -> dict:
     sigs = []
     has_parts = []
     has_text = []
-    line_hashes: list[int] = []
-    line_off = [0]
+    seq_parts = []  # per line of every document, in order: its hash (0 = nothing comparable)
+    lines_per_doc: list[int] = []
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=READ_ROWS, columns=["id", "text"]):
-        texts = batch.column("text").to_pylist()
         ids.extend(str(x) for x in batch.column("id").to_pylist())
-        toks = []
-        for t in texts:
-            t = t or ""
-            nlines = [normalize(x) for x in t.split("\n")]
-            nonempty = [x for x in nlines if x]
-            norm = " ".join(nonempty)
+        tokens: list[str] = []
+        n_words = []
+        words_per_line: list[int] = []
+        for t in batch.column("text").to_pylist():
+            nlines = normalize_lines(t or "")
+            norm = " ".join(x for x in nlines if x)
             exact.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
             has_text.append(bool(norm))
-            toks.append(norm.split())
+            toks = norm.split()
+            tokens.extend(toks)
+            n_words.append(len(toks))
             if want_lines:
-                line_hashes.extend({_line_hash(x) for x in nonempty})
-                line_off.append(len(line_hashes))
-        sig, has = signer.signatures(toks)
+                words_per_line.extend(x.count(" ") + 1 if x else 0 for x in nlines)
+                lines_per_doc.append(len(nlines))
+        w = signer.shingler.word_hashes(tokens)
+        sig, has = signer.signatures_of_words(w, np.array(n_words, dtype=np.int64))
         sigs.append(sig)
         has_parts.append(has)
+        if want_lines:
+            seq_parts.append(_line_hashes(w, np.array(words_per_line, dtype=np.int64)))
     n = len(ids)
     sig = np.concatenate(sigs) if sigs else np.zeros((0, signer.num_perm), dtype=np.uint64)
     has = np.concatenate(has_parts) if has_parts else np.zeros(0, dtype=bool)
     exact_arr = np.frombuffer(b"".join(exact), dtype=np.uint64).reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
+    if want_lines:
+        seq = np.concatenate(seq_parts) if seq_parts else np.zeros(0, dtype=np.uint64)
+        seq_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lines_per_doc, out=seq_off[1:])
+        lines, line_off = _distinct_per_doc(seq, seq_off)
+    else:
+        seq, seq_off = np.zeros(0, dtype=np.uint64), np.zeros(n + 1, dtype=np.int64)
+        lines, line_off = seq, seq_off
     meta = {
         "exact": exact_arr,
         "has_sig": has,
         "has_text": np.array(has_text, dtype=bool),
         "ids": np.array(ids, dtype=str) if ids else np.zeros(0, dtype="<U1"),
-        "lines": np.array(line_hashes, dtype=np.uint64),
-        "line_off": np.array(line_off if want_lines else [0] * (n + 1), dtype=np.int64),
+        "lines": lines,
+        "line_off": line_off,
+        "line_seq": seq,
+        "line_seq_off": seq_off,
     }
     with open(task["sig_partial"], "wb") as f:
         np.save(f, sig)
@@ -206,6 +257,22 @@ def sign_shard(task: dict) -> dict:
     if task["storage"] is not None:
         _publish_to_redis(task, k, sig, meta)
     return {"k": k, "docs": n}
+
+
+def _distinct_per_doc(seq: np.ndarray, seq_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's distinct non-empty line hashes (sorted), concatenated, and their offsets."""
+    n = len(seq_off) - 1
+    doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(seq_off))
+    keep = seq != 0
+    doc, h = doc[keep], seq[keep]
+    order = np.lexsort((h, doc))
+    doc, h = doc[order], h[order]
+    first = np.ones(len(h), dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (doc[1:] != doc[:-1])
+    doc, h = doc[first], h[first]
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(doc, minlength=n), out=off[1:])
+    return h, off
 
 
 def _publish_to_redis(task: dict, k: int, sig: np.ndarray, meta: dict) -> None:
@@ -221,7 +288,8 @@ def _publish_to_redis(task: dict, k: int, sig: np.ndarray, meta: dict) -> None:
                 continue  # a copy of an earlier document of this shard: never a survivor
             session.insert(L.key_bytes(L.doc_key(k, int(row))), signer.minhash(sig[row]), check_duplication=False)
     client = redis.Redis(**task["storage"]["redis"])
-    fields = {name: _to_bytes(arr) for name, arr in meta.items()}
+    # what the global plan needs; the per-line sequence stays local (only this task writes shard k)
+    fields = {name: _to_bytes(arr) for name, arr in meta.items() if not name.startswith("line_seq")}
     fields["n"] = str(len(meta["has_sig"]))
     client.hset(_redis_shard_key(task["basename"], k), mapping=fields)
 
@@ -304,19 +372,30 @@ def _plan(cfg: DedupConfig, shard_ids: list[int], metas: dict[int, dict], sig_pa
         for k in shard_ids:
             ok = metas[k]["has_sig"] & (reason[k] == KEEP)
             active.update(int(x) for x in (np.int64(k) << 32) + np.flatnonzero(ok).astype(np.int64))
-        if lsh_storage is None:  # in-memory index, built here from the signature files
-            lsh = L.make_lsh(cfg.num_perm, cfg.bands, cfg.rows, None)
-            signer = _signer(cfg.num_perm, cfg.seed, cfg.ngram)
-            with lsh.insertion_session() as session:
-                for k in shard_ids:
-                    sig = np.load(sig_paths[k], mmap_mode="r")
-                    ok = np.flatnonzero(metas[k]["has_sig"] & (reason[k] == KEEP))
-                    for row in ok:
-                        session.insert(L.key_bytes(L.doc_key(k, int(row))), signer.minhash(np.asarray(sig[row])),
-                                       check_duplication=False)
+        if lsh_storage is None:  # in-memory index: band hashes (uint64) of the signature files
+            lsh = None
+            mms = {k: np.load(sig_paths[k], mmap_mode="r") for k in shard_ids}
+            key_parts, hash_parts = [], []
+            for k in shard_ids:
+                ok = np.flatnonzero(metas[k]["has_sig"] & (reason[k] == KEEP))
+                key_parts.append((np.int64(k) << 32) + ok.astype(np.int64))
+                hash_parts.append(L.band_hashes(np.asarray(mms[k][ok]), cfg.bands, cfg.rows))
+            keys_arr = np.concatenate(key_parts) if key_parts else np.zeros(0, dtype=np.int64)
+            hashes = np.concatenate(hash_parts) if hash_parts else np.zeros((0, cfg.bands), dtype=np.uint64)
+            r = cfg.rows
+
+            def band_values(pos: np.ndarray, b: int) -> list[np.ndarray]:
+                out = []
+                for key in keys_arr[pos].tolist():
+                    s, row = L.split_key(key)
+                    out.append(np.asarray(mms[s][row, b * r : (b + 1) * r]))
+                return out
+
+            buckets = L.memory_buckets(keys_arr, hashes, band_values)
         else:
             lsh = L.make_lsh(cfg.num_perm, cfg.bands, cfg.rows, lsh_storage)
-        pairs = sorted(L.candidate_pairs(L.band_buckets(lsh, redis_client), active))
+            buckets = L.band_buckets(lsh, redis_client)
+        pairs = sorted(L.candidate_pairs(buckets, active))
         stats["candidate_pairs"] = len(pairs)
         if pairs and cfg.jaccard_threshold > 0:
             sim = _pair_similarity(pairs, lsh, sig_paths, cfg)
@@ -392,12 +471,24 @@ def _pair_similarity(pairs: list[tuple[int, int]], lsh, sig_paths: dict[int, Pat
 # phase 3: write
 # ---------------------------------------------------------------------------------------------
 def write_shard(task: dict) -> dict:
-    """Phase 3 for one input shard: drop duplicates, strip boilerplate lines, write docs + rejected."""
+    """Phase 3 for one input shard: drop duplicates, strip boilerplate lines, write docs + rejected.
+
+    Boilerplate lines are found from the per-line hashes phase 1 kept (``line_seq``), so no text is
+    normalised again; only documents holding such a line are split and rejoined.
+    """
     plan = np.load(task["plan"])
     reason, dup_of_id = plan["reason"], plan["dup_of_id"]
-    boiler = set(np.load(task["boiler"]).tolist()) if task["boiler"] else set()
     table = pq.read_table(task["path"])
     texts = table.column("text").to_pylist()
+    boiler_doc = np.zeros(len(texts), dtype=bool)
+    if task["boiler"]:
+        boiler = np.load(task["boiler"])
+        meta = np.load(task["meta"])
+        seq, seq_off = meta["line_seq"], meta["line_seq_off"]
+        is_boiler = np.isin(seq, boiler) if len(boiler) else np.zeros(len(seq), dtype=bool)
+        if len(seq):
+            boiler_doc = np.add.reduceat(is_boiler.astype(np.int64), seq_off[:-1]) > 0
+        nonempty = seq != 0
     keep_idx, rej_idx, rej_reason, rej_dup = [], [], [], []
     new_texts: list[str] = []
     lines_removed = chars_removed = 0
@@ -409,23 +500,20 @@ def write_shard(task: dict) -> dict:
             rej_dup.append(str(dup_of_id[i]))
             continue
         t = t or ""
-        if boiler:
+        if boiler_doc[i]:
+            lo, hi = seq_off[i], seq_off[i + 1]
+            drop = is_boiler[lo:hi].tolist()
             lines = t.split("\n")
-            kept = []
-            for line in lines:
-                nl = normalize(line)
-                if nl and _line_hash(nl) in boiler:
-                    lines_removed += 1
-                    chars_removed += len(line) + 1
-                else:
-                    kept.append(line)
-            if len(kept) != len(lines):
-                if not any(normalize(x) for x in kept):
-                    rej_idx.append(i)
-                    rej_reason.append("boilerplate")
-                    rej_dup.append(None)
-                    continue
-                t = "\n".join(kept).strip("\n")
+            kept = [line for line, d in zip(lines, drop, strict=True) if not d]
+            removed = len(lines) - len(kept)
+            lines_removed += removed
+            chars_removed += sum(len(line) + 1 for line, d in zip(lines, drop, strict=True) if d)
+            if not (nonempty[lo:hi] & ~is_boiler[lo:hi]).any():
+                rej_idx.append(i)
+                rej_reason.append("boilerplate")
+                rej_dup.append(None)
+                continue
+            t = "\n".join(kept).strip("\n")
         keep_idx.append(i)
         new_texts.append(t)
     col = table.schema.get_field_index("text")
@@ -559,6 +647,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
             todo.append({
                 "path": str(shards[k]), "k": k, "plan": str(run_.path(f"plan/plan-{k:05d}.npz")),
                 "boiler": str(run_.path("plan/boilerplate.npy")) if "lines" in cfg.methods else None,
+                "meta": str(run_.path(f"sig/meta-{k:05d}.npz")),
                 "out_partial": str(run_.partial(name)),
                 "rejected": str(Path(cfg.keep_rejected) / shard_filename(k, "rejected")) if cfg.keep_rejected else None,
             })

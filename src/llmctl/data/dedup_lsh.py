@@ -17,6 +17,7 @@ import numpy as np
 from datasketch import MinHashLSH
 
 from ..errors import UsageError
+from .dedup_minhash import fmix64
 
 _KEY = struct.Struct(">Q")
 #: buckets larger than this are verified as a star around their first member, not all pairs
@@ -100,6 +101,53 @@ def band_buckets(lsh: MinHashLSH, redis_client=None, batch: int = 10000) -> Iter
             if multi:
                 for members in table.getmany(*multi):
                     yield sorted(key_int(m) for m in members)
+
+
+_BAND_M = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 per (document, band): a hash of the band's ``rows`` MinHash values.
+
+    The compact in-memory form of the banded index (8 bytes per band instead of datasketch's
+    Python bytes keys and sets); buckets are then checked value by value, so they equal
+    datasketch's exactly (see ``memory_buckets``).
+    """
+    v = np.ascontiguousarray(sig[:, : bands * rows]).reshape(len(sig), bands, rows)
+    h = np.zeros((len(sig), bands), dtype=np.uint64)
+    for j in range(rows):
+        h = fmix64(h * _BAND_M + v[:, :, j])
+    return h
+
+
+def memory_buckets(keys: np.ndarray, hashes: np.ndarray, band_values) -> Iterator[list[int]]:
+    """Every bucket of every band holding ≥ 2 keys, as sorted int keys: the in-memory index.
+
+    ``keys`` [n] int64 document keys, ``hashes`` [n × bands] from ``band_hashes``, and
+    ``band_values(positions, band)`` → the band's MinHash values of those documents. Documents share
+    a bucket when their band values are equal, exactly as in datasketch's ``MinHashLSH`` (whose
+    bucket key is the band's values): equal hashes are confirmed on the values themselves, so a hash
+    collision never merges two buckets.
+    """
+    for b in range(hashes.shape[1] if hashes.ndim == 2 else 0):
+        order = np.argsort(hashes[:, b], kind="stable")
+        hb = hashes[order, b]
+        if len(hb) < 2:
+            continue
+        same = hb[1:] == hb[:-1]
+        if not same.any():
+            continue
+        # runs of equal hashes: starts where a run begins, ends one past it
+        edge = np.flatnonzero(np.diff(np.concatenate(([0], same.astype(np.int8), [0]))))
+        for lo, hi in zip(edge[::2].tolist(), (edge[1::2] + 1).tolist(), strict=True):
+            pos = order[lo:hi]
+            vals = band_values(pos, b)
+            groups: dict[bytes, list[int]] = {}
+            for p, row in zip(pos.tolist(), vals, strict=True):
+                groups.setdefault(row.tobytes(), []).append(int(keys[p]))
+            for members in groups.values():
+                if len(members) > 1:
+                    yield sorted(members)
 
 
 def stored_signatures(lsh: MinHashLSH, keys: list[int]) -> np.ndarray:

@@ -58,15 +58,55 @@ class ShingleHasher:
     def word_hashes(self, tokens: Sequence[str]) -> np.ndarray:
         cache = self._cache
         try:
-            hv = [cache[w] for w in tokens]
+            hv = list(map(cache.__getitem__, tokens))
         except KeyError:
             if len(cache) > self.max_cache:
                 cache.clear()
             for w in tokens:
                 if w not in cache:
                     cache[w] = word_hash(w)
-            hv = [cache[w] for w in tokens]
+            hv = list(map(cache.__getitem__, tokens))
         return np.array(hv, dtype=np.uint64)
+
+    def batch_hashes(self, w: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shingle hashes of many documents from their concatenated word hashes ``w``.
+
+        ``lengths[i]`` is document i's word count. Returns (hashes of all shingles, document by
+        document, shingles per document); equal to ``hashes`` of each document's words.
+        """
+        n = self.n
+        lengths = np.asarray(lengths, dtype=np.int64)
+        counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
+        if len(w) == 0:
+            return np.zeros(0, dtype=np.uint64), counts
+        k = max(len(w) - n + 1, 0)
+        full = np.zeros(k, dtype=np.uint64)
+        if k:
+            full += w[0:k] * self._pow[0]
+            for j in range(1, n):
+                full += w[j : j + k] * self._pow[j]
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        long_docs = lengths >= n
+        # shingle positions: for a long document, starts .. starts + count - 1 in the full array
+        idx = np.repeat(starts[long_docs] - np.cumsum(counts[long_docs]) + counts[long_docs], counts[long_docs])
+        idx += np.arange(len(idx), dtype=np.int64)
+        out = np.empty(int(counts.sum()), dtype=np.uint64)
+        out_start = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(counts[:-1], out=out_start[1:])
+        pos_long = np.repeat(out_start[long_docs] - np.cumsum(counts[long_docs]) + counts[long_docs],
+                             counts[long_docs]) + np.arange(len(idx), dtype=np.int64)
+        out[pos_long] = full[idx]
+        for i in np.flatnonzero((lengths > 0) & ~long_docs):  # short documents: one shingle each
+            out[out_start[i]] = self.hashes_short(w[starts[i] : starts[i] + lengths[i]])
+        return out, counts
+
+    @staticmethod
+    def hashes_short(w: np.ndarray) -> int:
+        h = 0
+        for x in w.tolist():
+            h = (h * int(_M) + x) & 0xFFFFFFFFFFFFFFFF
+        return h
 
     def hashes(self, tokens: Sequence[str]) -> np.ndarray:
         """Hashes of all word n-grams (one hash of all words when fewer than n; none when empty)."""
@@ -75,10 +115,7 @@ class ShingleHasher:
         if len(w) == 0:
             return w
         if len(w) < n:  # a short text is one shingle of all its words
-            h = 0
-            for x in w.tolist():
-                h = (h * int(_M) + x) & 0xFFFFFFFFFFFFFFFF
-            return np.array([h], dtype=np.uint64)
+            return np.array([self.hashes_short(w)], dtype=np.uint64)
         k = len(w) - n + 1
         h = w[0:k] * self._pow[0]
         for j in range(1, n):
@@ -112,25 +149,33 @@ class Signer:
         A document with no words has no shingles: its row stays at the empty value (all ones) and
         ``has_signature`` is False, so it never joins a near-duplicate cluster.
         """
-        n_docs = len(token_lists)
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        w = self.shingler.word_hashes([x for t in token_lists for x in t])
+        return self.signatures_of_words(w, lengths)
+
+    def signatures_of_words(self, w: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``signatures`` from the documents' concatenated word hashes and their word counts."""
+        hv, counts = self.shingler.batch_hashes(w, lengths)
+        return self.signatures_of_shingles(hv, counts)
+
+    def signatures_of_shingles(self, hv: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``signatures`` from all shingle hashes, document by document, and shingles per document."""
+        n_docs = len(counts)
         sig = np.full((n_docs, self.num_perm), U64_MAX, dtype=np.uint64)
-        per_doc = [self.shingler.hashes(t) for t in token_lists]
-        counts = np.fromiter((len(h) for h in per_doc), dtype=np.int64, count=n_docs)
         has = counts > 0
+        hv = fmix64(hv)
+        ends = np.cumsum(counts)
         start = 0
         while start < n_docs:
             # take documents until the chunk holds ~CHUNK_SHINGLES shingles (at least one doc)
-            stop, total = start, 0
-            while stop < n_docs and (total == 0 or total + counts[stop] <= CHUNK_SHINGLES):
-                total += counts[stop]
-                stop += 1
-            idx = [i for i in range(start, stop) if counts[i] > 0]
-            if idx:
-                hv = fmix64(np.concatenate([per_doc[i] for i in idx]))
-                phv = hv[:, None] * self.a
+            base = ends[start] - counts[start]
+            stop = max(int(np.searchsorted(ends, base + CHUNK_SHINGLES, side="right")), start + 1)
+            idx = np.flatnonzero(has[start:stop]) + start
+            if len(idx):
+                lo, hi = base, ends[stop - 1]
+                phv = hv[lo:hi, None] * self.a
                 phv += self.b
-                offsets = np.zeros(len(idx), dtype=np.int64)
-                np.cumsum(counts[idx][:-1], out=offsets[1:])
+                offsets = ends[idx] - counts[idx] - lo
                 sig[idx] = np.minimum.reduceat(phv, offsets, axis=0)
             start = stop
         return sig, has
