@@ -87,8 +87,8 @@ def run_llmctl(base: str, work: Path, per_host: int, concurrency: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=2000)
-    ap.add_argument("--repeat", type=int, default=3, help="Runs of each tool, alternating; medians reported.")
-    ap.add_argument("--per-host", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=5, help="Runs of each tool, alternating; medians reported.")
+    ap.add_argument("--per-host", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--server-workers", type=int, default=2, help="Processes serving the site.")
     ap.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 5.0],

@@ -417,7 +417,8 @@ class Crawler:
                     break
                 await host.slots.acquire()
                 await self._take_turn(host)
-                if not host.heap or host.heap[0][2] in self.started or not self._budget_left():
+                # while we waited, a shallower URL may have gone on top: it has not been checked
+                if not host.heap or host.heap[0][2] != url or not self._budget_left():
                     host.slots.release()
                     self.global_slots.release()
                     continue
