@@ -103,8 +103,8 @@ def run_dir(tmp_path_factory, spm_model) -> Path:
 def _model(spm_model, **kw) -> Transformer:
     vocab = SentencePieceTokenizer(spm_model).vocab_size
     torch.manual_seed(kw.pop("seed", 0))
-    return Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, d_model=64, max_seq_len=96,
-                                   init_std=0.15, **kw)).eval()
+    kw = {"init_std": 0.15, **kw}
+    return Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, d_model=64, max_seq_len=96, **kw)).eval()
 
 
 PROMPTS = ["def f(x):", "The", "日本語のテキスト", "Emoji: 😀 and a much longer prompt about foxes, 12345", "\t\tx"]
@@ -297,3 +297,28 @@ def test_run_generate_files_and_bad_input(run_dir, tmp_path):
         else:
             with pytest.raises(UsageError, match=message):
                 run_generate(c)
+
+
+def test_samples_follow_the_models_distribution(spm_model, tok):
+    """1000 one-token samples (one generator per prompt index): frequencies match softmax(logits/T),
+    and top-k / top-p never pick outside their set."""
+    model = _model(spm_model, init_std=0.3)
+    prompt = [tok.bos_id, *tok.encode("The quick")]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1]
+    n = 1000
+    for temp in (1.0, 0.7):
+        probs = torch.softmax(logits / temp, -1)
+        got = generate(model, tok, [prompt] * n, temperature=temp, max_new_tokens=1, batch_size=n, seed=5)
+        counts = torch.bincount(torch.tensor([c.token_ids[0] for c in got]), minlength=len(probs)).float()
+        top = probs.argsort(descending=True)[:5]
+        for t in top:  # each frequency within 4 standard errors of its probability
+            p = probs[t].item()
+            assert abs(counts[t].item() / n - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-3
+    k_set = set(logits.topk(3).indices.tolist())
+    got = generate(model, tok, [prompt] * 200, temperature=1.0, top_k=3, max_new_tokens=1, batch_size=200)
+    assert {c.token_ids[0] for c in got} <= k_set and len({c.token_ids[0] for c in got}) > 1
+    sorted_p, order = torch.softmax(logits, -1).sort(descending=True)
+    nucleus = set(order[: int((sorted_p.cumsum(0) < 0.5).sum()) + 1].tolist())
+    got = generate(model, tok, [prompt] * 200, temperature=1.0, top_p=0.5, max_new_tokens=1, batch_size=200)
+    assert {c.token_ids[0] for c in got} <= nucleus
