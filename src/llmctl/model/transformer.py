@@ -101,6 +101,8 @@ class Attention(nn.Module):
         gqa = cfg.n_kv_head != cfg.n_head
         if attn_mask is None and k.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif attn_mask is None and T == 1:  # one new token attends to every cached key: no mask
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             if attn_mask is None:  # decoding with a cache: queries sit at the end of the keys
                 S = k.shape[2]
