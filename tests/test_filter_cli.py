@@ -1,16 +1,25 @@
-"""llmctl filter end to end: chain, stats, --keep-rejected, --config, rerun no-op, workers, bad input."""
+"""llmctl filter end to end: chain, stats, --keep-rejected, --config, rerun no-op, workers, a run
+killed halfway and resumed, bad input.
+
+The real console script runs in a subprocess only where the process boundary is the point (its
+exit codes, a SIGKILL); everything else goes through the same entry point in-process.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmctl.data.docs import schema, write_table
+from llmctl.data.docs import schema, shard_filename, write_table
 
 SENTENCES = [
     "The river runs past the old mill and into the valley below the town.",
@@ -74,11 +83,21 @@ def read_dir(path: Path, prefix: str = "docs") -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(path.glob(f"{prefix}-*.parquet"))])
 
 
-def test_filter_end_to_end(tmp_path, llmctl):
+@pytest.fixture(scope="module")
+def docs37(tmp_path_factory) -> tuple[Path, dict]:
+    """37 docs (30 good + one of each bad kind), shared by the tests that do not modify them."""
+    d = tmp_path_factory.mktemp("docs37") / "in"
+    return d, make_docs(d, n_good=30)
+
+
+def test_filter_end_to_end(tmp_path, llmctl, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     kinds = make_docs(tmp_path / "in")
     (tmp_path / "block").write_text("# UT1-style list\nbad-site.com\n", encoding="utf-8")
     out, rej = tmp_path / "out", tmp_path / "rej"
-    r = llmctl("filter", tmp_path / "in", "--out", out, "--blocklist", tmp_path / "block", "--keep-rejected", rej)
+    args = ("filter", tmp_path / "in", "--out", out, "--blocklist", tmp_path / "block", "--keep-rejected", rej)
+    # the real console script, once: exit code 0 and the summary on stdout
+    r = llmctl(*args)
     assert r.code == 0, r.err
     assert "gopher_quality" in r.out and "docs in" in r.out
     m = json.loads((out / "manifest.json").read_text())
@@ -107,16 +126,19 @@ def test_filter_end_to_end(tmp_path, llmctl):
     assert set(kept.column("domain").to_pylist()) == {"web"}
     assert s["mixture"]["web"]["docs"] == 21
     assert m["params"]["filters"]["gopher_quality"]["min_doc_words"] == 50  # defaults recorded
-    # rerun: a no-op
-    r2 = llmctl("filter", tmp_path / "in", "--out", out, "--blocklist", tmp_path / "block", "--keep-rejected", rej)
-    assert r2.code == 0 and "already complete" in r2.out
-    # other parameters without --force: refused, one line
+    # rerun (in-process, same entry point): a no-op
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["created"] == m["created"]
+    # other parameters without --force: refused, one line, exit code 2 from the real console script
     r3 = llmctl("filter", tmp_path / "in", "--out", out, "--set", "gopher_quality.min_doc_words=10")
     assert r3.code == 2 and "--force" in r3.err
+    assert len([ln for ln in r3.err.strip().splitlines() if ln.strip()]) == 1, r3.err
 
 
-def test_config_toml_tables_and_workers_equal(tmp_path, llmctl):
-    make_docs(tmp_path / "in", n_good=30)
+def test_config_toml_tables_and_workers_equal(tmp_path, docs37):
+    docs, _ = docs37
     cfg = tmp_path / "f.toml"
     cfg.write_text(
         'chain = ["gopher_quality", "c4", "pii"]\nunit_rows = 8\n'
@@ -125,32 +147,79 @@ def test_config_toml_tables_and_workers_equal(tmp_path, llmctl):
         '[pii]\nemail_placeholder = "[mail]"\n',
         encoding="utf-8",
     )
-    r = llmctl("filter", tmp_path / "in", "--out", tmp_path / "o1", "--config", cfg)
-    assert r.code == 0, r.err
+    assert cli("filter", docs, "--out", tmp_path / "o1", "--config", cfg) == 0
     m = json.loads((tmp_path / "o1" / "manifest.json").read_text())
     assert m["params"]["chain"] == ["gopher_quality", "c4", "pii"]
     assert m["params"]["filters"]["gopher_quality"]["min_stop_words"] is None
     assert m["params"]["filters"]["gopher_quality"]["min_doc_words"] == 3
+    assert m["params"]["unit_rows"] == 8
     t1 = read_dir(tmp_path / "o1")
     assert any("[mail]" in t for t in t1.column("text").to_pylist())
     assert "c4:curly_bracket" not in m["stats"]["removed_by"]
     # command line beats the file; 2 workers give the same result as 1
-    assert cli("filter", tmp_path / "in", "--out", tmp_path / "o2", "--config", cfg, "--workers", "2") == 0
+    assert cli("filter", docs, "--out", tmp_path / "o2", "--config", cfg, "--workers", "2") == 0
     t2 = read_dir(tmp_path / "o2")
     assert t1.equals(t2)
     assert len(list((tmp_path / "o2").glob("docs-*.parquet"))) >= 4  # 37 docs in units of 8
 
 
-def test_shard_parts_cover_the_input(tmp_path):
-    make_docs(tmp_path / "in", n_good=30)
+def test_shard_parts_cover_the_input(tmp_path, docs37):
+    docs, _ = docs37
     ids = []
     for i in range(2):
-        code = cli("filter", tmp_path / "in", "--out", tmp_path / f"p{i}", "--shard", f"{i}/2", "--unit-rows", "8",
+        code = cli("filter", docs, "--out", tmp_path / f"p{i}", "--shard", f"{i}/2", "--unit-rows", "8",
                    "--chain", "gopher_quality", "--keep-rejected", tmp_path / f"r{i}")
         assert code == 0
         ids += read_dir(tmp_path / f"p{i}").column("id").to_pylist()
         ids += read_dir(tmp_path / f"r{i}", "rejected").column("id").to_pylist()
-    assert sorted(ids) == sorted(pq.read_table(tmp_path / "in" / "docs-00000.parquet").column("id").to_pylist())
+    assert sorted(ids) == sorted(pq.read_table(docs / "docs-00000.parquet").column("id").to_pylist())
+
+
+#: runs the stage as a user would, then dies by SIGKILL at the moment unit KILL_AT's docs shard is
+#: written but not yet committed (its rejected shard is committed already, its stats file is not)
+KILLED_RUN = r"""
+import os, signal, sys
+from llmctl.artifacts import StageRun
+from llmctl.data.filter import FilterConfig, run
+docs, out, rej, kill_at = sys.argv[1:5]
+commit = StageRun.commit
+def dying_commit(self, name):
+    if name == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(self, name)
+StageRun.commit = dying_commit
+run(FilterConfig(docs=docs, out=out, keep_rejected=rej, unit_rows=8))
+"""
+
+_TIMING = ("process_seconds", "docs_per_second", "filter_seconds", "wall_seconds", "units_processed_now")
+
+
+def test_killed_run_resumes_to_the_same_output(tmp_path, docs37):
+    from llmctl.data.filter import FilterConfig, run
+
+    docs, kinds = docs37
+    out, rej = tmp_path / "out", tmp_path / "rej"
+    p = subprocess.run([sys.executable, "-c", KILLED_RUN, str(docs), str(out), str(rej), shard_filename(2)],
+                       env={**os.environ, "LLMCTL_PROGRESS": "0"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    work = tmp_path / ".out.tmp-filter"
+    assert not out.exists() and work.is_dir()
+    assert sorted(x.name for x in (work / "stats").glob("*.json")) == ["unit-00000.json", "unit-00001.json"]
+    assert (work / f"{shard_filename(2)}.partial").exists()  # killed mid-unit
+    assert (tmp_path / ".rej.tmp-filter-rejected" / shard_filename(2, "rejected")).exists()
+
+    m = run(FilterConfig(docs=str(docs), out=str(out), keep_rejected=str(rej), unit_rows=8))
+    assert m["resumed"] and m["stats"]["units"] == 5 and m["stats"]["units_processed_now"] == 3
+    assert not work.exists() and not list(out.rglob("*.partial"))
+    ref = run(FilterConfig(docs=str(docs), out=str(tmp_path / "ref"), keep_rejected=str(tmp_path / "ref-rej"),
+                           unit_rows=8))
+    assert not ref["resumed"] and ref["stats"]["units_processed_now"] == 5
+    assert read_dir(out).equals(read_dir(tmp_path / "ref"))
+    assert read_dir(rej, "rejected").equals(read_dir(tmp_path / "ref-rej", "rejected"))
+    assert sorted(x.name for x in out.iterdir()) == sorted(x.name for x in (tmp_path / "ref").iterdir())
+    strip = lambda st: {k: v for k, v in st.items() if k not in _TIMING}  # noqa: E731
+    assert strip(m["stats"]) == strip(ref["stats"])
+    assert m["stats"]["docs_in"] == len(kinds) and m["files"] == ref["files"]
 
 
 @pytest.mark.parametrize("case", ["missing_blocklist", "binary_blocklist", "no_language", "empty", "bad_chain",

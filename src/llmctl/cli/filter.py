@@ -221,7 +221,8 @@ def _train(out: Path, stage: str, classes: dict[str, Path], n_features: int, l2:
            seed: int, max_docs: int | None, force: bool) -> None:
     from dataclasses import asdict, dataclass
 
-    from ..artifacts import StageRun
+    from ..artifacts import MANIFEST, StageRun
+    from ..data.docs import list_shards
     from ..data.filters.classifier import train
 
     if n_features < 2 or n_features & (n_features - 1):
@@ -243,7 +244,11 @@ def _train(out: Path, stage: str, classes: dict[str, Path], n_features: int, l2:
     for k, v in texts.items():
         if not v:
             raise UsageError(f"{classes[k]}: holds no documents for class '{k}'; check the input")
-    run = StageRun.open(out, stage, params, list(classes.values()), force=force)
+    # an artifact is identified by its manifest, a plain directory of Parquet files by its files
+    inputs: list[Path] = []
+    for v in classes.values():
+        inputs += [v] if (v / MANIFEST).is_file() else list_shards(v)
+    run = StageRun.open(out, stage, params, inputs, force=force)
     if run.done:
         summary(f"llmctl filter {stage}", [("model", str(out)), ("note", "already complete"), *run.manifest["stats"].items()])
         return

@@ -15,13 +15,14 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse as sp
-from scipy.stats import rankdata
 
 from ...errors import UsageError
+
+if TYPE_CHECKING:  # scipy is imported where it is used: it costs seconds per process to import
+    import scipy.sparse as sp
 
 _WORD = re.compile(r"\w+")
 _BIGRAM_MUL = np.uint64(0x100000001B3)
@@ -46,6 +47,8 @@ class Featurizer:
         return h
 
     def transform(self, texts: list[str]) -> sp.csr_matrix:
+        import scipy.sparse as sp
+
         mask = np.uint64(self.n_features - 1)
         indptr = [0]
         cols: list[np.ndarray] = []
@@ -134,6 +137,16 @@ class Classifier:
 
 def fit(X: sp.csr_matrix, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """L2-regularised logistic (2 classes) or softmax regression by L-BFGS; returns (W, b)."""
+    import scipy.optimize
+    from threadpoolctl import threadpool_limits
+
+    # L-BFGS works on vectors (BLAS level 1): extra BLAS threads only spin and contend, which made
+    # training 4-5x slower on a busy 2-core machine
+    with threadpool_limits(1, user_api="blas"):
+        return _fit(X, y, n_classes, l2, max_iter, scipy.optimize)
+
+
+def _fit(X: sp.csr_matrix, y: np.ndarray, n_classes: int, l2: float, max_iter: int, opt) -> tuple[np.ndarray, np.ndarray]:
     n, d = X.shape
     Xt = X.T.tocsr()
     if n_classes == 2:
@@ -151,7 +164,7 @@ def fit(X: sp.csr_matrix, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_i
             grad[d] = g.mean()
             return ll.mean() + 0.5 * l2 * float(w @ w), grad
 
-        res = scipy.optimize.minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B",
+        res = opt.minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B",
                                       options={"maxiter": max_iter})
         return res.x[:d].astype(np.float32), np.array([res.x[d]], dtype=np.float32)
 
@@ -170,7 +183,7 @@ def fit(X: sp.csr_matrix, y: np.ndarray, n_classes: int, l2: float = 1e-4, max_i
         gW = Xt @ G + l2 * W
         return -(Y * logp).sum() / n + 0.5 * l2 * float((W * W).sum()), np.concatenate([gW.ravel(), G.sum(axis=0)])
 
-    res = scipy.optimize.minimize(loss_k, np.zeros(d * K + K), jac=True, method="L-BFGS-B",
+    res = opt.minimize(loss_k, np.zeros(d * K + K), jac=True, method="L-BFGS-B",
                                   options={"maxiter": max_iter})
     return res.x[: d * K].reshape(d, K).astype(np.float32), res.x[d * K :].astype(np.float32)
 
@@ -181,6 +194,8 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    from scipy.stats import rankdata
+
     r = rankdata(score)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
