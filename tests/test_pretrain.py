@@ -217,3 +217,13 @@ def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
         run(_cfg(data["tokens"], tmp_path / "e", max_steps=1, global_batch_tokens=200))
     with pytest.raises(UsageError, match="another tokenizer"):
         run(_cfg(data["tokens"], tmp_path / "f", max_steps=1, anneal_tokens=data["other"], anneal_fraction=0.5))
+    # token shards written by a newer llmctl
+    import shutil
+
+    newer = tmp_path / "newer-tokens"
+    shutil.copytree(data["tokens"], newer)
+    m = json.loads((newer / "manifest.json").read_text())
+    m["format_version"] = 99
+    (newer / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UsageError, match="newer llmctl"):
+        run(_cfg(newer, tmp_path / "g", max_steps=1))

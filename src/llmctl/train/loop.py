@@ -236,7 +236,8 @@ class Trainer:
             self.ddp = None
         if config.compile:
             self.fwd_model = torch.compile(self.fwd_model)
-        self.peak = peak_flops(self.device, self.precision)
+        # MFU's denominator: the peak of one device (or this process's CPU threads) × the ranks
+        self.peak = peak_flops(self.device, self.precision) * self.dist.world_size
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
