@@ -26,7 +26,7 @@ from datasketch import MinHash, MinHashLSH
 from llmctl.cli import main as llmctl_main
 from llmctl.data import dedup as D
 from llmctl.data import dedup_lsh as L
-from llmctl.data.dedup_minhash import Signer
+from llmctl.data.dedup_minhash import Signer, permutations
 from llmctl.data.docs import doc_id, schema, write_table
 from llmctl.data.text import jaccard, ngrams, normalize, normalize_lines, shingles, words
 from llmctl.errors import UsageError
@@ -160,6 +160,8 @@ def test_vectorised_signatures_equal_datasketch_minhash():
         ref.update_batch(ngrams(tk, 5))
         assert np.array_equal(ref.hashvalues, sig[i])
     assert (sig[2] == np.iinfo(np.uint64).max).all()
+    for n, seed in ((112, 7), (128, 1), (3, 12345)):
+        assert np.array_equal(permutations(n, seed), MinHash(num_perm=n, seed=seed, scheme="affine64").permutations)
 
 
 def test_normalize_lines_equals_normalize_of_each_line():

@@ -714,7 +714,7 @@ def _wait_for_shards(client, basename: str, shard_ids: list[int], cfg: DedupConf
                 f"waited {cfg.wait_timeout:.0f}s for {len(missing)} input shard(s) (e.g. {missing[0]}) to reach the "
                 f"shared index {basename}; start the other --shard tasks or raise --wait-timeout"
             )
-        time.sleep(1.0)
+        time.sleep(0.25)
     metas = {}
     for k in shard_ids:
         metas[k] = _meta_from_redis(client.hgetall(_redis_shard_key(basename, k)), cfg.num_perm)

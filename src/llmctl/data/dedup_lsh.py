@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
-from datasketch import MinHashLSH
 
 from ..errors import UsageError
 from .dedup_minhash import fmix64
+
+if TYPE_CHECKING:
+    from datasketch import MinHashLSH
 
 _KEY = struct.Struct(">Q")
 #: buckets larger than this are verified as a star around their first member, not all pairs
@@ -79,6 +82,8 @@ def storage_config(url: str | None, basename: str) -> dict | None:
 
 
 def make_lsh(num_perm: int, bands: int, rows: int, storage: dict | None) -> MinHashLSH:
+    from datasketch import MinHashLSH  # imported only where used: it pulls in scipy
+
     return MinHashLSH(num_perm=num_perm, params=(bands, rows), storage_config=storage, prepickle=False)
 
 

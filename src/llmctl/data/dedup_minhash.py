@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasketch import MinHash
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 SCHEME = "affine64"
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 _M = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier for the polynomial combination of word hashes
 _FMIX = (np.uint64(33), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
-#: shingles hashed per numpy step (≈ this × num_perm × 8 bytes of scratch memory)
-CHUNK_SHINGLES = 16384
+#: shingles hashed per numpy step (≈ this × num_perm × 8 bytes of scratch memory: ~3.7 MB at 112,
+#: which stays in cache; 4× larger chunks ran ~3× slower)
+CHUNK_SHINGLES = 4096
 
 
 def fmix64(h: np.ndarray) -> np.ndarray:
@@ -58,15 +62,13 @@ class ShingleHasher:
     def word_hashes(self, tokens: Sequence[str]) -> np.ndarray:
         cache = self._cache
         try:
-            hv = list(map(cache.__getitem__, tokens))
+            return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
         except KeyError:
             if len(cache) > self.max_cache:
                 cache.clear()
-            for w in tokens:
-                if w not in cache:
-                    cache[w] = word_hash(w)
-            hv = list(map(cache.__getitem__, tokens))
-        return np.array(hv, dtype=np.uint64)
+            for w in set(tokens).difference(cache):
+                cache[w] = word_hash(w)
+            return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
     def batch_hashes(self, w: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Shingle hashes of many documents from their concatenated word hashes ``w``.
@@ -128,8 +130,16 @@ class ShingleHasher:
 
 
 def permutations(num_perm: int, seed: int) -> np.ndarray:
-    """datasketch's (a, b) parameters for ``MinHash(num_perm, seed, scheme="affine64")``."""
-    return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+    """datasketch's (a, b) parameters for ``MinHash(num_perm, seed, scheme="affine64")``.
+
+    Drawn here from ``numpy.random.RandomState(seed)`` as that scheme specifies (odd multipliers
+    ``a``, offsets ``b`` uniform over 64 bits; equality with datasketch is tested), so the in-memory
+    path never imports datasketch, whose import pulls in scipy (~1 s of every process start).
+    """
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = gen.randint(0, 1 << 64, num_perm, dtype=np.uint64)
+    return np.array([a, b])
 
 
 class Signer:
@@ -141,6 +151,8 @@ class Signer:
         self.perm = permutations(num_perm, seed)
         self.a = self.perm[0][None, :]
         self.b = self.perm[1][None, :]
+        self.a_col = np.ascontiguousarray(self.perm[0][:, None])
+        self.b_col = np.ascontiguousarray(self.perm[1][:, None])
         self.shingler = ShingleHasher(ngram)
 
     def signatures(self, token_lists: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -173,15 +185,18 @@ class Signer:
             idx = np.flatnonzero(has[start:stop]) + start
             if len(idx):
                 lo, hi = base, ends[stop - 1]
-                phv = hv[lo:hi, None] * self.a
-                phv += self.b
+                # permutations × shingles: each row contiguous, a chunk small enough to stay in cache
+                phv = self.a_col * hv[None, lo:hi]
+                phv += self.b_col
                 offsets = ends[idx] - counts[idx] - lo
-                sig[idx] = np.minimum.reduceat(phv, offsets, axis=0)
+                sig[idx] = np.minimum.reduceat(phv, offsets, axis=1).T
             start = stop
         return sig, has
 
     def minhash(self, row: np.ndarray) -> MinHash:
         """A datasketch MinHash holding one signature row (for MinHashLSH)."""
+        from datasketch import MinHash
+
         return MinHash(seed=self.seed, hashvalues=row, permutations=self.perm, scheme=SCHEME)
 
 
