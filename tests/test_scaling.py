@@ -235,8 +235,12 @@ def test_fit_from_pretrain_runs_and_rerun_is_noop(tmp_path, llmctl):
     r2 = llmctl("scaling-fit", *runs, "--out", out, "--bootstrap", "10", "--budget", "1e21")
     assert r2.code == 0 and "already complete" in r2.out
     assert json.loads((out / "manifest.json").read_text())["created"] == m["created"]
-    r3 = llmctl("scaling-fit", *runs, "--out", out, "--bootstrap", "11", "--budget", "1e21")
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text('bootstrap = 11\nbudget = ["1e21"]\n')  # --config sets options: other params than OUT's
+    r3 = llmctl("scaling-fit", *runs, "--out", out, "--config", cfg)
     assert r3.code == 2 and "--force" in r3.err
+    r4 = llmctl("scaling-fit")
+    assert r4.code == 0 and "sweep" in r4.out and "fit" in r4.out  # the group's help
 
 
 def test_run_missing_stats_is_named(tmp_path, llmctl):

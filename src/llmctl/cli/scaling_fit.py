@@ -15,7 +15,12 @@ from .common import ConfigOpt, DefaultGroup, ForceOpt, SeedOpt
 
 
 class _Group(DefaultGroup):
+    """``scaling-fit ARGS`` runs ``fit``; ``scaling-fit sweep …`` the sweep; no arguments: the help."""
+
     default_command = "fit"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, args or ["--help"])
 
 
 group = typer.Typer(
