@@ -232,12 +232,12 @@ def test_fit_from_pretrain_runs_and_rerun_is_noop(tmp_path, llmctl):
     assert [pt["label"] for pt in res["points"]] == [f"run{i}" for i in range(len(runs))]
     m = json.loads((out / "manifest.json").read_text())
     assert len(m["inputs"]) == len(runs)
-    r2 = llmctl("scaling-fit", *runs, "--out", out, "--bootstrap", "10", "--budget", "1e21")
+    cfg = tmp_path / "fit.toml"
+    cfg.write_text('bootstrap = 10\nbudget = ["1e21"]\n')  # the same options, given by --config
+    r2 = llmctl("scaling-fit", *runs, "--out", out, "--config", cfg)
     assert r2.code == 0 and "already complete" in r2.out
     assert json.loads((out / "manifest.json").read_text())["created"] == m["created"]
-    cfg = tmp_path / "fit.toml"
-    cfg.write_text('bootstrap = 11\nbudget = ["1e21"]\n')  # --config sets options: other params than OUT's
-    r3 = llmctl("scaling-fit", *runs, "--out", out, "--config", cfg)
+    r3 = llmctl("scaling-fit", *runs, "--out", out, "--config", cfg, "--bootstrap", "11")  # command line wins
     assert r3.code == 2 and "--force" in r3.err
     r4 = llmctl("scaling-fit")
     assert r4.code == 0 and "sweep" in r4.out and "fit" in r4.out  # the group's help
