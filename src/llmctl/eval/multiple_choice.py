@@ -131,8 +131,8 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
 def score_requests(
     model: Transformer,
     requests: Sequence[Request],
-    max_batch_tokens: int = 8192,
-    max_batch_rows: int = 64,
+    max_batch_tokens: int = 16384,
+    max_batch_rows: int = 128,
     on_done: Callable[[int], None] | None = None,
 ) -> list[list[Score]]:
     """Score all requests in batches of similar length (longest first); results in input order.
@@ -150,12 +150,13 @@ def score_requests(
     results: list[list[Score] | None] = [None] * len(requests)
     b = 0
     while b < len(order):
+        # cost ≈ contexts × width (each context once) + continuations; rows bounds the cache copies
         chunk = [order[b]]
         width = request_length(requests[order[b]])  # the longest in this chunk
         rows = len(requests[order[b]].continuations)
         while b + len(chunk) < len(order):
             nxt = requests[order[b + len(chunk)]]
-            if (rows + len(nxt.continuations)) * width > max_batch_tokens or rows + len(nxt.continuations) > max_batch_rows:
+            if (len(chunk) + 1) * width > max_batch_tokens or rows + len(nxt.continuations) > max_batch_rows:
                 break
             chunk.append(order[b + len(chunk)])
             rows += len(nxt.continuations)

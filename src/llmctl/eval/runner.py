@@ -42,7 +42,7 @@ class EvalConfig:
     contamination: str | None = None
     ngram: int = 13
     decontaminate: bool = False
-    batch_tokens: int = 8192
+    batch_tokens: int = 16384
     device: str = "cpu"
     threads: int = 0
     force: bool = False

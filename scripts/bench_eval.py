@@ -1,0 +1,158 @@
+"""Benchmark: `llmctl eval` vs lm-evaluation-harness, MMLU dev (285 items, 0-shot, likelihood), CPU.
+
+Both score the same exported transformers directory on the same prompts (lm-eval's mmlu format:
+subject header, question, lettered options, "Answer:", choices " A".." D"); the script checks that
+they agree on accuracy and reports items/s for each and the ratio (target ≥ 2×). Model loading
+is outside both timings. lm-eval runs from its own venv (``--lmeval-venv``, default
+../peers/lmeval-venv) with a local task YAML, offline.
+
+    .venv/bin/python scripts/bench_eval.py [--model EXPORTED_HF_DIR] [--threads 2] [--lmeval-batch-size 1 32]
+
+Without --model a small model is built: a BPE tokenizer trained on tinyshakespeare and a 4-layer,
+d=256 Llama with random weights (speed does not depend on the weights' values), exported with
+`llmctl export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+LMEVAL_SCRIPT = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+lm = HFLM(pretrained=sys.argv[1], dtype="float32", device="cpu", batch_size=int(sys.argv[3]), add_bos_token=False)
+tm = TaskManager(include_path=sys.argv[2])
+t0 = time.perf_counter()
+res = simple_evaluate(model=lm, tasks=["bench_mmlu"], task_manager=tm, num_fewshot=0)
+dt = time.perf_counter() - t0
+r = res["results"]["bench_mmlu"]
+print(json.dumps({"seconds": dt, "acc": r["acc,none"], "acc_norm": r["acc_norm,none"]}))
+"""
+
+YAML = """task: bench_mmlu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "The following are multiple choice questions (with answers) about {{{{subject}}}}.\\n\\n{{{{question}}}}\\nA. {{{{A}}}}\\nB. {{{{B}}}}\\nC. {{{{C}}}}\\nD. {{{{D}}}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def build_model(work: Path) -> Path:
+    import torch
+
+    from llmctl.artifacts import StageRun, write_json_atomic
+    from llmctl.model import ModelConfig, Transformer
+    from llmctl.model.hf import ExportConfig, export_hf
+    from llmctl.model.io import save_weights
+    from llmctl.tokenizer import TrainConfig, train
+
+    corpus = SHARED / "corpora" / "tinyshakespeare.txt"
+    train(TrainConfig(docs=[str(corpus)], out=str(work / "tok"), vocab_size=4000, heldout_fraction=0.0, threads=1))
+    spm = work / "tok" / "tokenizer.model"
+    from llmctl.model.generate import SentencePieceTokenizer
+
+    cfg = ModelConfig(vocab_size=SentencePieceTokenizer(spm).vocab_size, n_layer=4, n_head=4, d_model=256, max_seq_len=2048)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    run = StageRun.open(work / "run", "pretrain", {"bench": True})
+    write_json_atomic(run.work / "config.json", {"model": cfg.to_dict()})
+    save_weights(model, run.work / "model.safetensors")
+    shutil.copyfile(spm, run.work / "tokenizer.model")
+    run.finish({})
+    export_hf(ExportConfig(run=work / "run", out=work / "hf"))
+    return work / "hf"
+
+
+def mmlu_jsonl(out: Path) -> int:
+    """The MMLU dev CSVs as JSONL rows with the fields lm-eval's YAML reads (same prompts as ours)."""
+    from llmctl.eval.tasks import load_mmlu
+
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for p in sorted((SHARED / "eval" / "mmlu-dev").glob("*.csv")):
+            subject = p.stem.removesuffix("_dev").replace("_", " ")
+            for row in csv.reader(open(p, encoding="utf-8", newline="")):
+                q, a, b, c, d, ans = row
+                f.write(json.dumps({"subject": subject, "question": q.strip(), "A": a.strip(), "B": b.strip(),
+                                    "C": c.strip(), "D": d.strip(), "label": "ABCD".index(ans.strip())}) + "\n")
+                n += 1
+    assert n == len(load_mmlu(SHARED / "eval" / "mmlu-dev").items)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="exported transformers directory (default: build a small one)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lmeval-venv", type=Path, default=ROOT.parent / "peers" / "lmeval-venv")
+    ap.add_argument("--lmeval-batch-size", type=int, nargs="+", default=[1, 32])
+    args = ap.parse_args()
+    if not (SHARED / "eval" / "mmlu-dev").is_dir():
+        sys.exit(f"{SHARED}/eval/mmlu-dev not found")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    try:
+        hf = args.model or build_model(work)
+        n = mmlu_jsonl(work / "mmlu.jsonl")
+        (work / "yaml").mkdir()
+        (work / "yaml" / "bench_mmlu.yaml").write_text(YAML.format(data=work / "mmlu.jsonl"))
+
+        from llmctl.eval.runner import EvalConfig, run_eval
+        from llmctl.model.hf import load_any
+
+        load_any(hf)  # warm the file cache like lm-eval's model load below
+        t0 = time.perf_counter()
+        run_eval(EvalConfig(model=str(hf), tasks=[f"mmlu:{SHARED / 'eval' / 'mmlu-dev'}"], out=str(work / "ours"),
+                            protocol="likelihood"))
+        ours_s = time.perf_counter() - t0
+        res = json.loads((work / "ours" / "results.json").read_text())
+        acc = next(r for r in res["results"] if r["metric"] == "acc")
+        assert acc["n"] == n, f"llmctl scored {acc['n']} of {n} items (skips: {acc['settings']['skipped']})"
+        print(f"llmctl eval      : {n} items in {ours_s:6.2f} s = {n / ours_s:7.1f} items/s   acc {acc['value']:.4f}")
+
+        py = args.lmeval_venv / "bin" / "python"
+        if not py.is_file():
+            print(f"lm-eval venv absent ({args.lmeval_venv}); no comparison")
+            return
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HOME": str(work / "hf-home"), "TOKENIZERS_PARALLELISM": "false"}
+        for bs in args.lmeval_batch_size:
+            p = subprocess.run([str(py), "-c", LMEVAL_SCRIPT, str(hf), str(work / "yaml"), str(bs), str(args.threads)],
+                               capture_output=True, text=True, env=env)
+            if p.returncode:
+                sys.exit(p.stderr[-3000:])
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            agree = "agree" if abs(r["acc"] - acc["value"]) < 1e-4 else "DISAGREE"
+            print(f"lm-eval (bs {bs:>3}) : {n} items in {r['seconds']:6.2f} s = {n / r['seconds']:7.1f} items/s   "
+                  f"acc {r['acc']:.4f} ({agree})   llmctl/lm-eval = {r['seconds'] / ours_s:.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
