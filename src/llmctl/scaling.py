@@ -656,6 +656,7 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     p = {k: v["value"] for k, v in results["params"].items()}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
@@ -712,6 +713,10 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="compute-optimal N",
            title="compute-optimal model size")
     ax.legend(fontsize=8)
+    # minor labels: plain numbers on the loss axes (they span less than a decade), none elsewhere
+    loss_axes = [axes[0].yaxis, axes[1].yaxis] + ([] if used else [axes[1].xaxis])
+    for axis in (a for ax in axes for a in (ax.xaxis, ax.yaxis)):
+        axis.set_minor_formatter(FormatStrFormatter("%g") if axis in loss_axes else NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
