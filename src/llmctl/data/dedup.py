@@ -3,18 +3,21 @@
 Three phases, each resumable at shard granularity inside the StageRun work directory:
 
 1. **sign** (parallel over input shards, ``--workers`` processes): per document, a 128-bit hash of
-   the normalised text (exact), a MinHash signature over word n-grams of it (near), and the hashes
-   of its normalised lines (boilerplate). Written as ``sig/sig-K.npy`` (uint64 signatures) and
-   ``sig/meta-K.npz``; with ``--lsh-storage redis://…`` the worker also inserts its signatures into
-   the shared Redis index and publishes the per-shard hashes there.
+   the normalised text (exact), a MinHash signature over word n-grams of it (near), and a hash of
+   each normalised line, in order (boilerplate), all from one normalisation pass and one array of
+   word hashes per batch. Written as ``sig/sig-K.npy`` (uint64 signatures) and ``sig/meta-K.npz``;
+   with ``--lsh-storage redis://…`` the worker also inserts its signatures into the shared Redis
+   index (datasketch) and publishes the per-shard hashes there.
 2. **plan** (one process): exact groups (survivor: the first document in (shard, row) order), then
-   LSH candidate pairs among the exact survivors — every bucket of every band holding ≥ 2 keys —
+   LSH candidate pairs among the exact survivors — every bucket of every band holding ≥ 2 keys, from
+   compact numpy band hashes in memory or from the Redis index —
    optionally verified by estimated Jaccard ≥ ``jaccard_threshold``, then connected components by
    union-find; the survivor of a cluster is its first document in (shard, row) order. Finally the
    document frequency of every normalised line over the remaining documents; lines in at least
    ``line_min_docs`` documents and at least ``line_min_frac`` of them are boilerplate.
 3. **write** (parallel): each input shard K becomes ``docs-K.parquet`` without the duplicates and
-   without boilerplate lines; documents left with no text are dropped (reason ``boilerplate``).
+   without boilerplate lines (found from phase 1's line hashes, nothing normalised twice); documents
+   left with no text are dropped (reason ``boilerplate``).
 
 Survivors depend only on the documents' global positions, never on the number of workers or on
 the order in which workers finish.
@@ -617,7 +620,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
             local_sigs = {}
         else:
             plan_shards = mine
-            metas = {k: dict(np.load(run_.path(f"sig/meta-{k:05d}.npz"))) for k in mine}
+            metas = {k: _load_meta(run_.path(f"sig/meta-{k:05d}.npz")) for k in mine}
             local_sigs = sig_paths
         reason, dup_of, boiler, plan_stats = _plan(cfg, plan_shards, metas, local_sigs, storage, redis_client)
         boiler_path = run_.partial("plan/boilerplate.npy")
@@ -690,6 +693,12 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     files = [shard_filename(k) for k in mine]
     return run_.finish(stats, files=files, run_id=run_id, lsh_basename=basename if storage else None,
                        input_shards=[str(s) for s in shards])
+
+
+def _load_meta(path: Path) -> dict:
+    """What the plan needs of a shard's phase-1 metadata (not the per-line sequence: phase 3 reads it)."""
+    with np.load(path) as f:
+        return {name: f[name] for name in f.files if not name.startswith("line_seq")}
 
 
 def _parse_shard(spec: str) -> tuple[int, int]:

@@ -1,4 +1,9 @@
-"""The banded LSH index (datasketch's MinHashLSH, in memory or in Redis) and clustering its buckets.
+"""The banded LSH index and clustering its buckets.
+
+Two forms with the same buckets: in memory, one uint64 hash per (document, band) in numpy arrays,
+grouped by sorting and confirmed on the band values (``band_hashes``, ``memory_buckets``: ~112 bytes
+per document at 14 bands); shared across workers and machines, datasketch's ``MinHashLSH`` with its
+Redis storage (``make_lsh``, ``band_buckets``). A test checks that both give identical buckets.
 
 Keys are 8-byte big-endian global document positions ``shard << 32 | row``, so every worker and
 every machine of a job array names a document the same way and no pickles cross the network.
