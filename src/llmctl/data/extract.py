@@ -367,7 +367,7 @@ class _Worker:
         send.close()
         self.inflight: dict[int, Any] = {}  # seq → payload, in dispatch order
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False, keep_pipe: bool = False) -> None:
         if kill:
             self.proc.kill()
         else:
@@ -381,7 +381,8 @@ class _Worker:
             self.proc.join()
         self.tasks.cancel_join_thread()
         self.tasks.close()
-        self.conn.close()
+        if not keep_pipe:
+            self.conn.close()
 
 
 class TimeoutPool:
@@ -417,15 +418,18 @@ class TimeoutPool:
     def _replace(self, w: _Worker, blamed_reason: str, out: list) -> None:
         """Kill ``w``, blame its current document, resend the others to a fresh worker."""
         seq_now, started = int(w.state[0]), w.state[1]
-        w.stop(kill=True)
+        w.stop(kill=True, keep_pipe=True)
         self._drain(w, out)  # results sent before the kill are still in the pipe
+        w.conn.close()
         if started and seq_now in w.inflight:
             w.inflight.pop(seq_now)
             out.append((seq_now, ("drop", blamed_reason)))
+            self._barren = 0  # a document was settled: that is progress
+        else:
+            self._barren += 1
         # documents not yet done go back to the front of the queue, in order
         self.queue.extendleft(reversed(list(w.inflight.items())))
         w.inflight.clear()
-        self._barren += 1
         if self._barren > 3 * len(self.workers) + 3:
             raise StageError(
                 f"extract: worker processes keep dying (exit code {w.proc.exitcode}) before finishing any "
