@@ -38,6 +38,52 @@ def test_tokeniser_splits_like_spacy_where_it_matters():
     ]
 
 
+# each chunk and the tokens spaCy 3's English tokeniser gives it (checked against spacy.blank("en"))
+SPACY_CASES = {
+    "well-known": ["well", "-", "known"],  # hyphen infix between letters
+    "2-3": ["2", "-", "3"],  # arithmetic infix between digits
+    "e^-2": ["e^-2"],  # no rule applies: one token
+    "woman,--that": ["woman,--that"],  # "," and "--" need a letter on both sides
+    "a--b": ["a", "--", "b"],
+    "tonk-": ["tonk-"], "-so": ["-so"],  # a hyphen is neither prefix nor suffix
+    "end.The": ["end", ".", "The"],  # period between lower and upper case
+    "d.name": ["d.name"], "f(x": ["f(x"],
+    "x,y": ["x", ",", "y"],
+    "(hello)": ["(", "hello", ")"],
+    '"quoted",': ['"', "quoted", '"', ","],
+    "dogs'": ["dogs", "'"], "John's": ["John", "'s"],
+    "Mr.": ["Mr."], "mr.": ["mr", "."], "(Mr.": ["(", "Mr."], "e.g.,": ["e.g.", ","],
+    "H.": ["H."], "USA.": ["USA", "."], "Ph.D.": ["Ph.D."], "b.": ["b."], "1.": ["1", "."],
+    "cannot": ["can", "not"], "Gonna": ["Gon", "na"], "'em": ["'em"], "'cos": ["'cos"],
+    "(string):": ["(", "string", "):"],  # the emoticon "):" is an exception even inside a chunk
+    "5km.": ["5", "km", "."], "4M": ["4", "M"], "3pm": ["3", "pm"], "+44": ["+44"], "50%": ["50", "%"],
+    "https://x.com/a.": ["https://x.com/a", "."], "(www.foo.com)": ["(", "www.foo.com", ")"],
+    "2a00:1450:4001:704::200e": ["2a00:1450:4001:704::200e"], "::1.": [":", ":1", "."],
+    'Cl−(aq)': ["Cl−(aq", ")"], '48"W': ['48"W'],
+    "could've": ["could", "'ve"], "we'll": ["we", "'ll"], "banish'd": ["banish'd"], "CAN'T": ["CAN'T"],
+    "so...": ["so", "..."], "grape…": ["grape", "…"], "''": ["''"], ":-)": [":-)"],
+}
+
+
+def test_tokeniser_follows_spacy_affix_rules():
+    for chunk, expect in SPACY_CASES.items():
+        assert words_of(chunk) == expect, chunk
+    # the same chunks inside text: whitespace only separates
+    text = "  ".join(SPACY_CASES)
+    assert words_of(text) == [t for v in SPACY_CASES.values() for t in v]
+
+
+def test_tokeniser_fast_paths_equal_the_rules():
+    from llmctl.data.filters.base import _split_chunk
+
+    chunks = ["word,", "word.", "Word.", "USA.", "A.", "a.", "(word", '"word', "“Word", "word”", "cannot,", "Mr.",
+              "5km,", "4M.", "x.", "it's,", "'em", "'tis", "3.", "über.", "ÉTÉ.", "word…", "(a", "[1", "end:", "H.,"]
+    for c in chunks:
+        ref: list[str] = []
+        _split_chunk(c, ref)
+        assert words_of(c) == ref, c
+
+
 def test_gopher_word_count_bounds():
     assert gq(words(50)) is None
     assert gq(words(49)) == "short_doc"

@@ -4,13 +4,17 @@ A filter sees one :class:`Doc` at a time and answers with ``None`` (keep) or a s
 (remove). A filter may rewrite ``doc.text`` (C4 line cleaning, PII redaction) or set metadata
 columns (``quality_score``, ``domain``); later filters in the chain then see the new text.
 
-Word tokenisation is one compiled regular expression, not a linguistic tokeniser: that is where
-most of the speed over datatrove (which runs spaCy on every document) comes from. The regex is
-written to split roughly as spaCy's English tokeniser does where the heuristics are sensitive to it:
-punctuation marks are tokens of their own (so they count in the "words" denominators of the Gopher
-and FineWeb ratios), contractions split as "do" + "n't", "it" + "'s", acronyms such as "U.S." and
-numbers such as "3.5" or "1,000" stay whole, a letter with its period ("A.", as in a list of
-choices) is one token, URLs stay whole.
+Word tokenisation follows the *rules* of spaCy's English tokeniser (which datatrove runs on every
+document) without spaCy: text is split on whitespace; a chunk that is all letters/digits is a word
+(the fast path, most chunks); any other chunk loses prefixes (opening brackets and quotes, most
+punctuation, currency signs, "...") and suffixes (closing marks, "'s", a period after a lower-case
+letter, digit or two capitals, units after a number) one at a time, then splits at infixes
+(hyphens and "/" ":" "<" ">" "=" only between letters, "," between letters, "." between a
+lower-case and an upper-case letter, arithmetic signs between digits, ellipses). Marks glued inside
+a chunk otherwise stay: "e^-2", "woman,--", "tonk-", "f(x", "2a00::200e" are one token each, as
+in spaCy. A small table of English exceptions (abbreviations such as "Mr." and "e.g.", "cannot" →
+"can" "not", "gonna" → "gon" "na", "'em", emoticons) and the contraction split ("do" "n't", "we"
+"'ll") complete it. These tokens feed the "words" counts and ratios of the Gopher and FineWeb rules.
 """
 
 from __future__ import annotations
@@ -24,53 +28,189 @@ from typing import Any, ClassVar
 
 from ...errors import UsageError
 
-_TOKEN_RE = re.compile(
-    r"""
-      https?://[^\s<>"']+ | www\.[^\s<>"']+          # URLs stay one token
-    | (?:[^\W\d_]\.)+(?!\w)                           # initials and acronyms: A., U.S., e.g.
-    | \d+(?:[.,:]\d+)+                                # 3.5, 1,000, 10:30
-    | _                                               # underscores alone, one per token
-    | \w+(?:(?:['’]|\.(?=[^\W_A-Z])|[()\[\]{}*+^~|@#$%&\\])\w+)*   # words; marks glued inside a word
-                                                      # stay (d.name, f(x)), as spaCy only splits
-                                                      # prefixes, suffixes and a few infixes
-    | \.{2,} | -{2,}                                  # "..." and "--" are one token each
-    | [^\w\s]                                         # any other mark is a token of its own
-    """,
-    re.VERBOSE,
-)
-_findall = _TOKEN_RE.findall
+# -- the tokeniser's character classes and rules (see the module docstring) -----------------------
+_LOWER = "a-zß-öø-ÿα-ωа-яё"
+_UPPER = "A-ZÀ-ÖØ-ÞΑ-ΩА-ЯЁ"
+_QUOTES = re.escape("'\"”“`‘´’‚,„»«「」『』（）〔〕【】《》〈〉⟦⟧")
+_PUNCT = re.escape("…,:;!?¿؟¡()[]{}<>_#*&。？！，、；：～·।،۔؛٪")
+_CURRENCY = re.escape("$£€¥฿₽﷼") + "\u20a0-\u20bf"
+#: symbols that stand alone (most of Unicode's "Symbol, other" blocks: arrows, boxes, dingbats, emoji)
+_ICONS = ("\u00a6\u00a9\u00ae\u00b0\u2100-\u214f\u2190-\u21ff\u2300-\u23ff\u2440-\u24ff\u2500-\u27bf"
+          "\u2800-\u28ff\u2b00-\u2bff\U0001f000-\U0001faff")
+_UNITS = ("km|km²|km³|m|m²|m³|dm|cm|cm²|mm|mm²|µm|nm|ha|yd|in|ft|kg|g|mg|µg|t|lb|oz|m/s|km/h|kmh|mph|"
+          "hPa|Pa|mbar|mb|MB|kb|KB|gb|GB|tb|TB|T|G|M|K|%")
+_PREFIX = re.compile(rf"[§%=—–{_PUNCT}{_QUOTES}{_CURRENCY}{_ICONS}]|\+(?![0-9])|\.\.+|US\$|[CA]\$").match
+_SUFFIX = re.compile(
+    rf"(?:[{_PUNCT}{_QUOTES}{_ICONS}—–]|\.\.+|['’][sS]|(?<=[0-9])\+|(?<=°[FfCcKk])\.|(?<=[0-9])(?:US\$|[CA]\$"
+    rf"|[{_CURRENCY}])|(?<=[0-9])(?:{_UNITS}|[ap]m)|(?<=[0-9{_LOWER}%²\-+{_PUNCT}{_QUOTES}])\.|(?<=[{_UPPER}][{_UPPER}])\.)$"
+).search
+_INFIX = re.compile(
+    rf"\.\.+|…|[{_ICONS}]|(?<=[0-9])[+\-*^](?=[0-9-])|(?<=[{_LOWER}{_QUOTES}])\.(?=[{_UPPER}{_QUOTES}])"
+    r"|(?<=[^\W\d_]),(?=[^\W\d_])|(?<=[^\W_])(?:---|--|——|[-–—~])(?=[^\W\d_])|(?<=[^\W_])[:<>=/](?=[^\W\d_])"
+).finditer
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"']+$", re.IGNORECASE).match
+
+
+def _exceptions() -> dict[str, list[str]]:
+    """English exceptions: chunks kept whole or split in a fixed way before any affix rule."""
+    keep = (
+        # titles, companies, months, U.S. states, Latin abbreviations: the period stays on the word
+        "Mr. Mrs. Ms. Messrs. Dr. Prof. St. Jr. Mt. Gen. Gov. Sen. Rep. Rev. Adm. Inc. Ltd. Co. Corp. "
+        "Bros. vs. v. e.g. i.e. a.m. p.m. Ph.D. Jan. Feb. Mar. Apr. Jun. Jul. Aug. Sep. Sept. Oct. Nov. "
+        "Dec. Ala. Ariz. Ark. Calif. Colo. Conn. Del. Fla. Ga. Ill. Ind. Kan. Ky. La. Md. Mass. Mich. "
+        "Minn. Miss. Mo. Neb. Nev. Okla. Ore. Pa. Tenn. Va. Wash. Wis. "
+        # elided words and emoticons that are one token
+        "'em 'Em 'cos 'Cos 'cause 'Cause 'bout 'nuff ma'am o'clock y'know "
+        "'' :) :( :-) :-( ;) ;-) :D :-D :P :-P :p :/ :'( =) =( (: ): :] <3 </3 ^_^ o.O :1"
+    ).split()
+    out = {w: [w] for w in keep}
+    out.update({f"{c}.": [f"{c}."] for c in "abcdefghijklmnopqrstuvwxyz"})  # list items: "a."
+    for word, parts in (("cannot", ("can", "not")), ("gonna", ("gon", "na")), ("gotta", ("got", "ta")),
+                        ("y'all", ("y'", "all"))):
+        out[word] = list(parts)
+        out[word.capitalize()] = [parts[0].capitalize(), *parts[1:]]
+    return out
+
+
+_SPECIAL = _exceptions()
+#: an exception that the affix rules may have cut into pieces ("(x):" holds the emoticon "):")
+_HAS_SPECIAL = re.compile("|".join(re.escape(w) for w in sorted(_SPECIAL, key=len, reverse=True)
+                                   if not w.isalnum())).search
+# fast paths of words_of: a word with one mark before or after it that the rules always cut off
+_CUT_AFTER = frozenset(",;:!?)]}\"”’'»…")
+_CUT_BEFORE = frozenset("\"“‘'([{«")
+_PERIOD_AFTER = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_CAPS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _merge_specials(toks: list[str]) -> list[str]:
+    """Rejoin neighbours that spell an exception ("(x):" → "(" "x" "):"), longest first."""
+    out: list[str] = []
+    i, n = 0, len(toks)
+    while i < n:
+        for j in range(min(n, i + 4), i + 1, -1):
+            joined = "".join(toks[i:j])
+            if joined in _SPECIAL:
+                out += _SPECIAL[joined]
+                i = j
+                break
+        else:
+            out.append(toks[i])
+            i += 1
+    return out
+
+
+def _split_chunk(chunk: str, out: list[str]) -> None:
+    """Tokens of one whitespace-free chunk: exceptions, then prefixes/suffixes, then infixes;
+    exceptions made of several pieces (emoticons, "Mr.") are joined again at the end."""
+    toks: list[str] = []
+    _split_affixes(chunk, toks)
+    if len(toks) > 1 and _HAS_SPECIAL(chunk):
+        toks = _merge_specials(toks)
+    out += toks
+
+
+def _split_affixes(s: str, out: list[str]) -> None:
+    sp = _SPECIAL
+    suffixes: list[str] = []
+    while s and s not in sp:
+        m = _PREFIX(s)
+        pre = m.end() if m else 0
+        rest = s[pre:]
+        m = _SUFFIX(rest) if rest else None
+        suf = len(rest) - m.start() if m else 0
+        if pre and s[pre:] in sp:
+            out.append(s[:pre])
+            s = s[pre:]
+            break
+        if suf and s[:-suf] in sp:
+            suffixes.append(s[-suf:])
+            s = s[:-suf]
+            break
+        if not pre and not suf:
+            break
+        if pre:
+            out.append(s[:pre])
+        if suf:
+            suffixes.append(s[len(s) - suf :])
+        s = s[pre : len(s) - suf]
+    if s:
+        if s in sp:
+            out += sp[s]
+        elif _URL(s):
+            out.append(s)
+        else:
+            start = 0
+            for m in _INFIX(s):
+                a, b = m.span()
+                if a == 0:
+                    continue
+                if a > start:
+                    _add_word(s[start:a], out)
+                out.append(s[a:b])
+                start = b
+            _add_word(s[start:] if start else s, out)
+    if suffixes:
+        out += reversed(suffixes)
+
+
 #: heads after which spaCy's English exceptions split "'d", "'ll", "'re", "'ve", "'m"
 _CLITIC_HEADS = frozenset(
     "i you he she it we they that there who what where when how why this here let y'all".split()
 )
 _CLITICS = ("d", "ll", "re", "ve", "m")
+#: modal verbs that also lose "'ve" ("could've" → "could" "'ve")
+_VE_HEADS = frozenset("could should would might must".split())
 
 
-def _split_clitics(tokens: list[str]) -> list[str]:
-    """spaCy-style contractions: "don't" → "do" "n't" and "it's" → "it" "'s" always; "'d",
+def _add_word(t: str, out: list[str]) -> None:
+    """Append a core token, split as spaCy's contractions: "don't" → "do" "n't" always; "'d",
     "'ll", "'re", "'ve", "'m" only after pronouns ("we'll", but "banish'd" stays whole)."""
-    out: list[str] = []
-    for t in tokens:
-        if "'" in t or "’" in t:
-            low = t.lower()
-            cut = max(t.rfind("'"), t.rfind("’"))
-            tail = low[cut + 1 :]
-            if len(t) > 3 and tail == "t" and low[cut - 1] == "n" and cut >= 2:
-                out += [t[: cut - 1], t[cut - 1 :]]
-                continue
-            if cut > 0 and (tail == "s" or (tail in _CLITICS and low[:cut] in _CLITIC_HEADS)):
-                out += [t[:cut], t[cut:]]
-                continue
-        out.append(t)
-    return out
+    if "'" in t or "’" in t:
+        low = t.lower()
+        cut = max(t.rfind("'"), t.rfind("’"))
+        tail = low[cut + 1 :]
+        if len(t) > 3 and tail == "t" and low[cut - 1] == "n" and cut >= 2 and t[cut + 1] == "t":
+            out += [t[: cut - 1], t[cut - 1 :]]
+            return
+        if cut > 0 and tail in _CLITICS and (low[:cut] in _CLITIC_HEADS or (tail == "ve" and low[:cut] in _VE_HEADS)):
+            out += [t[:cut], t[cut:]]
+            return
+    out.append(t)
 
 
 def words_of(text: str) -> list[str]:
     """Split text into word and punctuation tokens (see the module docstring)."""
-    toks = _findall(text)
-    if "'" in text or "’" in text:
-        toks = _split_clitics(toks)
-    return toks
+    out: list[str] = []
+    append = out.append
+    sp = _SPECIAL
+    for c in text.split():
+        if c.isalnum():
+            if c in sp or (c[0].isdigit() and c[-1].isalpha()):  # "cannot", "5km" → "5" "km"
+                _split_chunk(c, out)
+            else:
+                append(c)
+            continue
+        # the commonest other shapes, cut exactly as _split_chunk would: "word," "word." "(word"
+        last = c[-1]
+        if len(c) > 1 and c not in sp:
+            head = c[:-1]
+            if head.isalnum() and head not in sp and not (head[0].isdigit() and head[-1].isalpha()):
+                h = head[-1]
+                if last in _CUT_AFTER or (
+                    last == "." and (h in _PERIOD_AFTER or (h in _CAPS and len(head) > 1 and head[-2] in _CAPS))
+                ):
+                    append(head)
+                    append(last)
+                    continue
+            elif c[0] in _CUT_BEFORE:
+                tail = c[1:]
+                if tail.isalnum() and tail not in sp and not (tail[0].isdigit() and tail[-1].isalpha()):
+                    append(c[0])
+                    append(tail)
+                    continue
+        _split_chunk(c, out)
+    return out
 
 
 _HAS_ALNUM = re.compile(r"[^\W_]")
