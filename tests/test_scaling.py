@@ -6,18 +6,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from scipy.optimize import minimize
 
 from llmctl import scaling
 from llmctl.artifacts import StageRun
 from llmctl.errors import UsageError
 
-DATA = Path(__file__).parent / "data" / "chinchilla_points.csv"
+# The 245 points Epoch AI extracted from Chinchilla's Figure 4 (epoch-research/analyzing-chinchilla,
+# data/svg_extracted_data.csv). That repository has no licence, so the file is not in this repository:
+# it belongs in the team's shared data (../shared/data/scaling/), or LLMCTL_CHINCHILLA_CSV names it.
+DATA = Path(os.environ.get("LLMCTL_CHINCHILLA_CSV") or SHARED_DATA / "scaling" / "chinchilla_points.csv")
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 
 
@@ -137,7 +142,7 @@ def test_noise_free_points_are_fitted_exactly():
         assert fit.params[k] == pytest.approx(v, rel=2e-3), k
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason="tests/data/chinchilla_points.csv is absent")
+@pytest.mark.skipif(not DATA.is_file(), reason="Chinchilla points absent (../shared/data/scaling/chinchilla_points.csv)")
 def test_chinchilla_points_reproduce_epoch_replication(tmp_path, llmctl):
     """Epoch AI's replication on the 240 points of Chinchilla's Figure 4 (REFERENCE.md).
 
@@ -411,3 +416,9 @@ def test_sweep_trains_real_runs_then_fits_them(tmp_path, llmctl):
     assert m["stage"] == "scaling-fit" and m["params"]["sizes"] == ["1x16", "1x32"]
     r2 = llmctl(*args)
     assert r2.code == 0 and "already complete" in r2.out
+
+
+def test_cli_default_huber_delta_is_the_library_default():
+    from llmctl.cli import scaling_fit
+
+    assert scaling_fit.HUBER_DELTA == scaling.HUBER_DELTA

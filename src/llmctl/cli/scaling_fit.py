@@ -7,11 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import scaling
 from ..console import summary, table
 from ..errors import UsageError
 from . import app
 from .common import ConfigOpt, DefaultGroup, ForceOpt, SeedOpt
+
+# llmctl.scaling (numpy, scipy) is imported inside the commands so that every other command starts fast.
+HUBER_DELTA = 1e-3  # REFERENCE.md; equals llmctl.scaling.HUBER_DELTA (tested)
 
 
 class _Group(DefaultGroup):
@@ -57,7 +59,9 @@ MaxIterOpt = Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS itera
 
 def _fit_config(runs: list[Path] | None, out: Path, from_csv: Path | None, budget: list[str] | None,
                 predict: list[str] | None, bootstrap: int, bootstrap_starts: int, seed: int, ci: float,
-                huber_delta: float, isoflop_tol: float, max_iter: int, force: bool) -> scaling.FitConfig:
+                huber_delta: float, isoflop_tol: float, max_iter: int, force: bool) -> Any:
+    from .. import scaling
+
     return scaling.FitConfig(
         runs=[str(r) for r in runs or []],
         out=str(out),
@@ -140,7 +144,7 @@ def fit(
     bootstrap_starts: BootStartsOpt = 4,
     seed: SeedOpt = 0,
     ci: CiOpt = 0.95,
-    huber_delta: DeltaOpt = scaling.HUBER_DELTA,
+    huber_delta: DeltaOpt = HUBER_DELTA,
     isoflop_tol: TolOpt = 0.05,
     max_iter: MaxIterOpt = 500,
     force: ForceOpt = False,
@@ -160,6 +164,8 @@ def fit(
     """
     cfg = _fit_config(runs, out, from_csv, budget, predict, bootstrap, bootstrap_starts, seed, ci,
                       huber_delta, isoflop_tol, max_iter, force)
+    from .. import scaling
+
     _print(scaling.run(cfg), out)
 
 
@@ -181,7 +187,7 @@ def sweep(
     bootstrap_starts: BootStartsOpt = 4,
     seed: SeedOpt = 0,
     ci: CiOpt = 0.95,
-    huber_delta: DeltaOpt = scaling.HUBER_DELTA,
+    huber_delta: DeltaOpt = HUBER_DELTA,
     isoflop_tol: TolOpt = 0.05,
     max_iter: MaxIterOpt = 500,
     force: ForceOpt = False,
@@ -198,6 +204,8 @@ def sweep(
       --pretrain-set preset=nano --pretrain-set seq_len=64 --pretrain-set device=cpu --budget 1e15
     """
     size_list = [s.strip() for s in sizes.split(",") if s.strip()]
+    from .. import scaling
+
     budget_list = [scaling.parse_count(b) for b in budgets.split(",") if b.strip()]
     if not size_list or not budget_list:
         raise UsageError("sweep needs --sizes and --budgets, e.g. --sizes 2x64,4x128 --budgets 1e12,3e12")
