@@ -642,13 +642,22 @@ def _extract(runner: StageRun, cfg: ExtractConfig, chosen: list[tuple[int, Path]
         if sh.complete:
             finish_shard(sh)
 
+    shown_total = [None]
+
     def tick() -> None:
         if progress is None:
             return
+        # the number of documents is known only once all is read: estimate it from the bytes read.
+        # rich restarts its rate estimate whenever the total changes, so move it only on a >10% change
         est = None
         if counters["bytes_done"] > 0:
             est = max(counters["resp_read"], int(counters["resp_read"] * total_bytes / counters["bytes_done"]))
-        progress.update(task, completed=counters["resp_done"], total=est)
+        old = shown_total[0]
+        if est is not None and (old is None or abs(est - old) > 0.1 * old or counters["bytes_done"] >= total_bytes):
+            if est != old:
+                shown_total[0] = est
+                progress.update(task, total=est)
+        progress.update(task, completed=counters["resp_done"])
 
     pool = TimeoutPool(cfg.workers, cfg.timeout, cfg.batch_size)
     try:
