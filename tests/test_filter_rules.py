@@ -82,6 +82,14 @@ def test_tokeniser_fast_paths_equal_the_rules():
         ref: list[str] = []
         _split_chunk(c, ref)
         assert words_of(c) == ref, c
+    # chunks that took the rules path are cached: a second call, and a caller mutating its list,
+    # change nothing
+    text = '"Well," she said, "it\'s (the) end."'
+    first = words_of(text)
+    expect = ['"', "Well", ",", '"', "she", "said", ",", '"', "it", "'s", "(", "the", ")", "end", ".", '"']
+    assert first == expect
+    first.clear()
+    assert words_of(text) == expect
 
 
 def test_gopher_word_count_bounds():

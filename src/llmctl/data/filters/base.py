@@ -179,21 +179,25 @@ def _add_word(t: str, out: list[str]) -> None:
     out.append(t)
 
 
+#: tokens of chunks that took the rules path ("said,\"", "don't"): such chunks repeat across documents
+_CHUNK_CACHE: dict[str, list[str]] = {}
+_CACHE_SIZE = 1 << 17
+
+
 def words_of(text: str) -> list[str]:
     """Split text into word and punctuation tokens (see the module docstring)."""
     out: list[str] = []
     append = out.append
     sp = _SPECIAL
+    cache = _CHUNK_CACHE
     for c in text.split():
         if c.isalnum():
-            if c in sp or (c[0].isdigit() and c[-1].isalpha()):  # "cannot", "5km" → "5" "km"
-                _split_chunk(c, out)
-            else:
+            if c not in sp and not (c[0].isdigit() and c[-1].isalpha()):  # "cannot", "5km" → "5" "km"
                 append(c)
-            continue
-        # the commonest other shapes, cut exactly as _split_chunk would: "word," "word." "(word"
-        last = c[-1]
-        if len(c) > 1 and c not in sp:
+                continue
+        elif len(c) > 1 and c not in sp:
+            # the commonest other shapes, cut exactly as _split_chunk would: "word," "word." "(word"
+            last = c[-1]
             head = c[:-1]
             if head.isalnum() and head not in sp and not (head[0].isdigit() and head[-1].isalpha()):
                 h = head[-1]
@@ -209,7 +213,14 @@ def words_of(text: str) -> list[str]:
                     append(c[0])
                     append(tail)
                     continue
-        _split_chunk(c, out)
+        toks = cache.get(c)
+        if toks is None:
+            toks = []
+            _split_chunk(c, toks)
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[c] = toks
+        out += toks
     return out
 
 
