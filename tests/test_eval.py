@@ -14,13 +14,21 @@ from test_generate import make_run, train_tokenizer
 from llmctl.errors import UsageError
 from llmctl.eval.contamination import find_contaminated, item_grams
 from llmctl.eval.generation_mc import parse_letter
-from llmctl.eval.multiple_choice import Request, reference_score, score_requests, split_pair
+from llmctl.eval.multiple_choice import (
+    Request,
+    context_ids,
+    many_context_ids,
+    one_token,
+    reference_score,
+    score_requests,
+    split_pair,
+)
 from llmctl.eval.perplexity import rolling_windows
 from llmctl.eval.runner import EvalConfig, run_eval
 from llmctl.eval.tasks import load_mmlu, load_task
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.generate import SentencePieceTokenizer
-from llmctl.model.hf import ExportConfig, export_hf
+from llmctl.model.hf import ExportConfig, export_hf, load_any
 
 QUESTIONS = [
     ("What do bees make?", ["honey", "steel", "glass"], 0),
@@ -38,6 +46,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def cli(*args) -> int:
+    """The real CLI entry point, in-process (a subprocess pays torch's import on a busy machine)."""
+    from llmctl.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +88,16 @@ def test_batched_shared_context_scoring_equals_one_by_one_uncached():
                                 init_std=0.15, qk_norm=True)).eval()
     rng = random.Random(1)
     reqs = []
-    for _ in range(30):
-        ctx = [rng.randrange(300) for _ in range(rng.randint(1, 30))]
-        conts = [[rng.randrange(300) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 4))]
+    for k in range(45):
+        ctx = [rng.randrange(300) for _ in range(rng.randint(1, 30 if k % 3 else 48))]
+        # every third request has one-token choices only (scored from the context pass alone)
+        longest = 1 if k % 3 == 0 else 9
+        conts = [[rng.randrange(300) for _ in range(rng.randint(1, longest))] for _ in range(rng.randint(1, 4))]
         if len(ctx) + max(map(len, conts)) - 1 <= 48:
             reqs.append(Request(ctx, conts))
-    got = score_requests(m, reqs, max_batch_tokens=300)  # several batches, different pads
+    assert sum(map(one_token, reqs)) >= 12 and sum(not one_token(r) for r in reqs) >= 15
+    rng.shuffle(reqs)
+    got = score_requests(m, reqs, max_batch_tokens=300)  # several batches of each kind, different pads
     alone = [score_requests(m, [r])[0] for r in reqs[:5]]
     greedy_seen = False
     for k, (r, scores) in enumerate(zip(reqs, got, strict=True)):
@@ -94,6 +117,17 @@ def test_context_split_moves_trailing_spaces_and_tokenises_together(models):
     assert ctx == tok.encode("Question: the fox")
     assert ctx + cont == tok.encode("Question: the fox  jumps")
     assert tok.decode(cont) == "  jumps"
+    # the batched split (one tokenizer call for all questions) equals the pair-by-pair split,
+    # with the run's sentencepiece tokenizer and the export's tokenizer.json alike
+    qs = [("Question: " + q + "\nAnswer:", [" " + o for o in opts]) for q, opts, _ in QUESTIONS]
+    qs += [("Emoji 😀 and  ", ["happy", "日本語"]), ("", ["first words", "x"]), ("   ", ["a"])]
+    for t in (tok, load_any(models[1])[1]):
+        got = many_context_ids(t, qs)
+        for (c, conts), (ctx, cids) in zip(qs, got, strict=True):
+            pairs = [split_pair(t, c, x) for x in conts]
+            assert ctx == (pairs[0][0] or [t.bos_id]) and cids == [p[1] for p in pairs]
+            assert context_ids(t, c, conts) == (ctx, cids)
+        assert got[-2][0] == [t.bos_id]  # an empty context is BOS, as in lm-eval
 
 
 def test_rolling_windows_score_every_token_once():
@@ -172,17 +206,18 @@ def test_eval_run_and_export_agree_and_results_are_complete(models, tmp_path):
     assert runs == []  # no-op rerun
 
 
-def test_cli_table_and_bad_inputs(models, tmp_path, llmctl):
+def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
     run, hf, _ = models
     rows = qa_rows()
     rows.append({"q": "missing options"})  # missing field
     rows.append({"q": "x", "opts": ["a", "b"], "label": 5})  # gold out of range
     rows.append({"q": "long " * 200, "opts": ["a", "b"], "label": 0})  # longer than the context
     spec = write_task(tmp_path / "t", rows)
-    r = llmctl("eval", str(hf), "--task", f"jsonl:{spec}", "--protocol", "likelihood", "--out", str(tmp_path / "o"))
-    code, out, err = r.code, r.out, r.err
+    code = cli("eval", hf, "--task", f"jsonl:{spec}", "--protocol", "likelihood", "--out", tmp_path / "o")
+    out, err = capsys.readouterr()
     assert code == 0, err
-    assert "acc_norm" in out and "likelihood" in out
+    assert "acc_norm" in out and "likelihood" in out and "skipped · qa" in err + out
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     acc = next(r for r in res["results"] if r["metric"] == "acc")
     assert acc["n"] == len(QUESTIONS)
@@ -191,8 +226,8 @@ def test_cli_table_and_bad_inputs(models, tmp_path, llmctl):
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": "items.jsonl", "template": "{q}"}))
-    r = llmctl("eval", str(run), "--task", f"jsonl:{bad}", "--out", str(tmp_path / "o2"))
-    code, out, err = r.code, r.out, r.err
+    code = cli("eval", run, "--task", f"jsonl:{bad}", "--out", tmp_path / "o2")
+    out, err = capsys.readouterr()
     assert code == 2 and "lacks choices, gold" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
     only_bad = write_task(tmp_path / "t3", [{"q": "x", "opts": ["a"], "label": 3}])
@@ -223,6 +258,46 @@ def test_contamination_flags_and_decontaminate_scores_only_clean(models, tmp_pat
     assert "qa/3" not in ids and len(ids) == 5
     with pytest.raises(UsageError, match="--decontaminate needs"):
         run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o9"), decontaminate=True))
+
+
+def test_contamination_against_a_tokens_artifact(models, tmp_path):
+    """Training data given as a tokenize-encode artifact: its documents are decoded one by one
+    (split at BOS/EOS), so an n-gram inside one document is found and one that only exists across
+    two neighbouring documents is not."""
+    from llmctl.tokenizer import EncodeConfig, encode
+
+    run = models[0]
+    spec = write_task(tmp_path / "t", qa_rows())
+    items = [x.text() for x in load_task(f"jsonl:{spec}").items]
+    filler = [{"text": f"Unrelated document number {i} about bees, dogs and the weather."} for i in range(6)]
+
+    def tokens(name: str, docs: list[dict]) -> Path:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+        encode(EncodeConfig(docs=[str(tmp_path / f"{name}.jsonl")], tokenizer=str(run / "tokenizer.model"),
+                            out=str(tmp_path / name), val_fraction=0.3, threads=1))
+        return tmp_path / name
+
+    # the item "Question: The capital of France is / Answer: Berlin Madrid Paris" cut in two documents
+    split = tokens("split", [*filler[:3], {"text": "Question: The capital of France"},
+                             {"text": "-is Answer: Berlin Madrid Paris"}, *filler[3:]])
+    # … that lie side by side in the token stream: decoded without the separators they would match
+    from llmctl.tokens import TokenArtifact
+
+    art = TokenArtifact(split)
+    stream = " ".join(art.tokenizer().decode([int(i) for i in sh[:]]) for sp in art.splits for sh in art.shards(sp))
+    assert item_grams(items[3], 8) & item_grams(stream, 8)
+    leak = tokens("leak", [*filler[:3], {"text": "Question: The capital of France is\nAnswer: Berlin Madrid Paris!"},
+                           *filler[3:]])
+    hit, stats = find_contaminated(items, split, n=8)
+    assert hit == [False] * 6 and stats["training_docs"] == 8
+    hit, stats = find_contaminated(items, leak, n=8)
+    assert hit == [False, False, False, True, False, False] and stats["training_docs"] == 7
+    run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o"), protocol="likelihood",
+                        contamination=str(leak), ngram=8, decontaminate=True))
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["results"][0]["n"] == 5 and res["results"][0]["settings"]["contaminated"] == 1
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["params"]["contamination"] == str(leak)
 
 
 def test_fewshot_is_seeded_and_never_the_item_itself(models, tmp_path):

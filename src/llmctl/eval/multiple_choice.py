@@ -2,11 +2,19 @@
 
 A request is ``(context ids, [continuation ids, …])``: one context and the continuations that
 share it (the choices of one question, or a single continuation). Several requests are scored
-together: their contexts are left-padded into one batch and run once, filling a KV cache; the
-cache rows are then repeated once per continuation and every continuation of every request is
-run in a second batch. Positions restart at each row's first real token and a boolean mask hides
-the padding, so a request's scores do not depend on its batch (checked against one-by-one,
-uncached scoring in the tests).
+together, in batches of similar length (sorted, so padding is small):
+
+- when every continuation of every request in the batch is ONE token (MMLU's " A".." D", most
+  letter-answer tasks), the contexts are right-padded and run once with the plain causal kernel
+  (padding after a row's last real token cannot influence it); the log-probabilities of all the
+  choices are read from the logits at each row's last context position. One forward pass per
+  question, no cache, no mask.
+- otherwise the contexts are left-padded and run once, filling a KV cache; the cache rows are then
+  repeated once per continuation and every continuation of every request is run in a second
+  batch. Positions restart at each row's first real token and a boolean mask hides the padding.
+
+Either way a request's scores do not depend on its batch (checked against one-by-one, uncached
+scoring in the tests).
 
 The context/continuation split follows lm-eval-harness: trailing spaces move from the context to
 the continuation, ``context + continuation`` is tokenised as a whole and the continuation is the
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import KVCache, Transformer
+from ..model.transformer import KVCache, Transformer, apply_rope
 
 
 @dataclass
@@ -37,12 +45,29 @@ class Score:
     n_tokens: int
 
 
-def split_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval-harness computes them."""
+def encode_many(tok, texts: Sequence[str]) -> list[list[int]]:
+    """``[tok.encode(t) for t in texts]`` in one call where the tokenizer has a batch API
+    (sentencepiece takes a list; ``tokenizers`` has ``encode_batch``); the same ids either way."""
+    texts = list(texts)
+    sp = getattr(tok, "sp", None)
+    if sp is not None and type(sp).__name__ == "SentencePieceProcessor" and type(tok).__name__ == "SentencePieceTokenizer":
+        return [list(x) for x in sp.encode(texts)]
+    inner = getattr(tok, "tok", None)
+    if type(tok).__name__ == "HFTokenizer" and hasattr(inner, "encode_batch"):
+        return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]
+    return [tok.encode(t) for t in texts]
+
+
+def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
     n = len(context) - len(context.rstrip())
     if n:
-        continuation = context[-n:] + continuation
-        context = context[:-n]
+        return context[:-n], context[-n:] + continuation
+    return context, continuation
+
+
+def split_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval-harness computes them."""
+    context, continuation = _move_spaces(context, continuation)
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context)
     return ctx, whole[len(ctx) :]
@@ -53,11 +78,26 @@ def context_ids(tok, context: str, continuations: Sequence[str]) -> tuple[list[i
 
     With a context that is empty (or only spaces) the context is the BOS token, as in lm-eval.
     """
-    pairs = [split_pair(tok, context, c) for c in continuations]
-    ctx = pairs[0][0]
-    if not ctx:
-        ctx = [tok.bos_id]
-    return ctx, [p[1] for p in pairs]
+    return many_context_ids(tok, [(context, continuations)])[0]
+
+
+def many_context_ids(
+    tok, questions: Sequence[tuple[str, Sequence[str]]]
+) -> list[tuple[list[int], list[list[int]]]]:
+    """:func:`context_ids` of many questions with all their texts tokenised in one batch call."""
+    texts: list[str] = []
+    for context, conts in questions:
+        pairs = [_move_spaces(context, c) for c in conts]
+        texts.append(pairs[0][0] if pairs else context.rstrip())
+        texts += [a + b for a, b in pairs]
+    ids = encode_many(tok, texts)
+    out, k = [], 0
+    for _, conts in questions:
+        ctx = ids[k]
+        wholes = ids[k + 1 : k + 1 + len(conts)]
+        k += 1 + len(conts)
+        out.append((ctx or [tok.bos_id], [w[len(ctx) :] for w in wholes]))
+    return out
 
 
 def request_length(r: Request) -> int:
@@ -75,9 +115,15 @@ def _mask(pad: torch.Tensor, q_start: int, q_len: int, k_len: int) -> torch.Tens
     return ((causal[None] & real) | (k == q)[None])[:, None]
 
 
-@torch.no_grad()
+def one_token(r: Request) -> bool:
+    return all(len(c) == 1 for c in r.continuations)
+
+
+@torch.inference_mode()
 def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
     """Scores of every continuation of every request, in order."""
+    if all(one_token(r) for r in requests):
+        return _score_one_token(model, requests)
     dev = model.embed_tokens.weight.device
     W = model.output_weight()
     B = len(requests)
@@ -128,6 +174,59 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
     return out
 
 
+def last_hidden(model: Transformer, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Final hidden state [B, d] at position ``lens[b] - 1`` of each right-padded row of ``ids``.
+
+    Equal to ``model.hidden(ids)[b, lens[b] - 1]``, with less work: every block but the last runs
+    on all positions (their keys and values are needed), the last block computes keys and values
+    for all positions but its query, attention output and MLP only at the one position read.
+    """
+    B, T = ids.shape
+    cos, sin = model.rope_cos[:T][None, None], model.rope_sin[:T][None, None]
+    x = model.embed_tokens(ids)
+    for layer in model.layers[:-1]:
+        x = layer(x, cos, sin, None, None, 0)
+    blk = model.layers[-1]
+    att, cfg = blk.self_attn, model.cfg
+    rows, last = torch.arange(B, device=ids.device), lens - 1
+    hn = blk.input_layernorm(x)
+    hl = hn[rows, last][:, None]  # [B, 1, d]
+    q = att.q_proj(hl).view(B, 1, cfg.n_head, cfg.head_dim).transpose(1, 2)
+    k = att.k_proj(hn).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+    v = att.v_proj(hn).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+    if att.q_norm is not None:
+        q, k = att.q_norm(q), att.k_norm(k)
+    q = apply_rope(q, model.rope_cos[last][:, None, None], model.rope_sin[last][:, None, None])
+    k = apply_rope(k, cos, sin)
+    mask = (torch.arange(T, device=ids.device)[None] <= last[:, None])[:, None, None]  # [B, 1, 1, T]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.n_kv_head != cfg.n_head)
+    xl = x[rows, last] + att.o_proj(y.reshape(B, cfg.n_head * cfg.head_dim))
+    xl = xl + blk.mlp(blk.post_attention_layernorm(xl))
+    return model.norm(xl)
+
+
+def _score_one_token(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
+    """Every continuation is one token: one causal pass over the right-padded contexts (padding
+    after a row's tokens cannot affect them), the choices' log-probabilities read from the last
+    context position of each row."""
+    dev = model.embed_tokens.weight.device
+    lens = [len(r.context) for r in requests]
+    L = max(lens)
+    flat = torch.zeros(len(requests) * L, dtype=torch.long)
+    for i, r in enumerate(requests):
+        flat[i * L : i * L + lens[i]] = torch.as_tensor(r.context)
+    last = last_hidden(model, flat.view(len(requests), L).to(dev), torch.tensor(lens, device=dev))
+    logp = F.linear(last, model.output_weight()).float().log_softmax(-1)  # [B, V]
+    best = logp.argmax(-1).tolist()
+    owner = [i for i, r in enumerate(requests) for _ in r.continuations]
+    tgt = [c[0] for r in requests for c in r.continuations]
+    lp = logp[torch.tensor(owner, device=dev), torch.tensor(tgt, device=dev)].tolist()
+    out: list[list[Score]] = [[] for _ in requests]
+    for i, t, ll in zip(owner, tgt, lp, strict=True):
+        out[i].append(Score(ll, best[i] == t, 1))
+    return out
+
+
 def score_requests(
     model: Transformer,
     requests: Sequence[Request],
@@ -146,20 +245,26 @@ def score_requests(
             raise ValueError("a request needs a context and non-empty continuations")
         if request_length(r) > ctx_len:
             raise ValueError(f"request of {request_length(r)} tokens exceeds the context {ctx_len}")
-    order = sorted(range(len(requests)), key=lambda i: -request_length(requests[i]))
+    # one-token requests first (they batch without a cache), each group longest first
+    single = [one_token(r) for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: (not single[i], -request_length(requests[i])))
     results: list[list[Score] | None] = [None] * len(requests)
     b = 0
     while b < len(order):
         # cost ≈ contexts × width (each context once) + continuations; rows bounds the cache copies
+        # (a one-token batch has no cache: its rows are the contexts alone)
         chunk = [order[b]]
+        kind = single[order[b]]
         width = request_length(requests[order[b]])  # the longest in this chunk
-        rows = len(requests[order[b]].continuations)
+        rows = 1 if kind else len(requests[order[b]].continuations)
         while b + len(chunk) < len(order):
-            nxt = requests[order[b + len(chunk)]]
-            if (len(chunk) + 1) * width > max_batch_tokens or rows + len(nxt.continuations) > max_batch_rows:
+            j = order[b + len(chunk)]
+            nrows = 1 if kind else len(requests[j].continuations)
+            if (single[j] != kind or (len(chunk) + 1) * width > max_batch_tokens
+                    or rows + nrows > max_batch_rows):
                 break
-            chunk.append(order[b + len(chunk)])
-            rows += len(nxt.continuations)
+            chunk.append(j)
+            rows += nrows
         for i, s in zip(chunk, score_batch(model, [requests[i] for i in chunk]), strict=True):
             results[i] = s
         b += len(chunk)
@@ -171,7 +276,7 @@ def score_requests(
 def reference_score(model: Transformer, context: list[int], continuation: list[int]) -> Score:
     """One continuation scored by a plain, uncached forward pass (what the batched path must equal)."""
     ids = torch.tensor([context + continuation[:-1]])
-    with torch.no_grad():
+    with torch.inference_mode():
         logp = model(ids)[0, len(context) - 1 :].float().log_softmax(-1)
     tgt = torch.tensor(continuation)
     ll = float(logp.gather(-1, tgt[:, None]).double().sum())

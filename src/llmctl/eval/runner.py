@@ -21,7 +21,7 @@ from ..errors import UsageError
 from ..model.generate import resolve_device
 from ..model.hf import is_hf_dir, load_any
 from . import contamination, generation_mc, perplexity
-from .multiple_choice import Request, context_ids, request_length, score_requests
+from .multiple_choice import Request, many_context_ids, request_length, score_requests
 from .results import Metric, mean_se, write_items
 from .tasks import LambadaItem, MCItem, Task, load_task, parse_task_spec
 
@@ -208,15 +208,20 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
     gen = cfg.protocol in ("generation", "both")
     reqs, req_rows = [], []
     prompts, prompt_rows = [], []
+    shots_of = [fewshot(it, pool, cfg.num_fewshot, cfg.seed) for it in items]
+    if like:  # every question's texts tokenised in one batch call
+        split = many_context_ids(tok, [
+            (it.description + "".join(s.context + task.delimiter + s.choices[s.gold] + "\n\n" for s in shots)
+             + it.context, [task.delimiter + c for c in it.choices])
+            for it, shots in zip(items, shots_of, strict=True)])
     for i, it in enumerate(items):
-        shots = fewshot(it, pool, cfg.num_fewshot, cfg.seed)
+        shots = shots_of[i]
         row: dict[str, Any] = {"id": it.id, "gold": it.gold, "n_choices": len(it.choices)}
         if cfg.contamination:
             row["contaminated"] = hit[i]
         rows.append(row)
         if like:
-            context = it.description + "".join(s.context + task.delimiter + s.choices[s.gold] + "\n\n" for s in shots) + it.context
-            ctx, conts = context_ids(tok, context, [task.delimiter + c for c in it.choices])
+            ctx, conts = split[i]
             req = _with_bos(cfg, tok, Request(ctx, conts))
             if not all(conts):
                 row["skip_likelihood"] = "empty_continuation"
@@ -276,8 +281,9 @@ def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
     items: list[LambadaItem] = r.task.items
     hit = getattr(r.task, "items_contaminated", [False] * len(items))
     reqs, idx, rows = [], [], []
+    split = many_context_ids(tok, [(it.context, [it.target]) for it in items])
     for i, it in enumerate(items):
-        ctx, conts = context_ids(tok, it.context, [it.target])
+        ctx, conts = split[i]
         req = _with_bos(cfg, tok, Request(ctx, conts))
         row: dict[str, Any] = {"id": it.id, "target": it.target}
         if cfg.contamination:
