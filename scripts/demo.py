@@ -1,14 +1,15 @@
 """`make demo`: the pipeline end to end on a small real site that every machine with Python has.
 
 Renders a few dozen standard-library modules' documentation to HTML with pydoc, serves it on
-127.0.0.1, crawls it, extracts it, and prints where each artifact is. Every step is a stage run
+127.0.0.1, and runs every stage on it: crawl, extract, filter, dedup, tokenizer training and
+encoding, a short pretraining run, sampling, export to transformers, and perplexity on the
+documentation of modules the site does not contain. It prints where each artifact is. Every step is a stage run
 whose rerun is a no-op, so running the demo again takes seconds. Later stages append a Step to
 STEPS (a name, the artifact it writes, and a function building the llmctl arguments).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -38,12 +39,25 @@ class Step:
     name: str
     artifact: str  # directory under demo-out/
     args: Callable[[Context], list[str]]  # the llmctl arguments (without --out)
-    available: Callable[[], bool] = lambda: True
-    force: Callable[[Context], bool] = lambda ctx: False
+    # the site moved to another port: its URLs, so every artifact downstream, change
+    force: Callable[[Context], bool] = lambda ctx: ctx.site_moved
 
 
-def _has_stage(module: str) -> Callable[[], bool]:
-    return lambda: importlib.util.find_spec(f"llmctl.cli.{module}") is not None
+#: documentation of modules the site does not contain: text the model never saw, for perplexity
+HELDOUT_MODULES = ("codecs", "hashlib", "io", "itertools", "os.path", "socket", "sqlite3", "zlib")
+
+
+def heldout_text(ctx: Context) -> str:
+    """Write (once) plain-text pydoc of HELDOUT_MODULES and return its path."""
+    path = ctx.out / "heldout.txt"
+    if not path.exists():
+        import pydoc
+
+        parts = [pydoc.plain(pydoc.render_doc(name)) for name in HELDOUT_MODULES]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n\n".join(parts), encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
 
 
 STEPS: list[Step] = [
@@ -54,16 +68,60 @@ STEPS: list[Step] = [
             "crawl", f"{ctx.base_url}/index.html", "--allow-private", "--delay", "0", "--per-host", "4",
             "--max-pages", "500",
         ],
-        force=lambda ctx: ctx.site_moved,
     ),
     Step(
         "extract",
         "docs",
         lambda ctx: ["extract", str(ctx.artifacts["crawl"]), "--workers", "2"],
-        available=_has_stage("extract"),
-        force=lambda ctx: ctx.site_moved,
+    ),
+    # API documentation is not web prose: scripts/demo_filter.toml explains the profile it uses.
+    Step(
+        "filter",
+        "filtered",
+        lambda ctx: ["filter", str(ctx.artifacts["extract"]), "--config", str(ROOT / "scripts" / "demo_filter.toml")],
+    ),
+    Step("dedup", "dedup", lambda ctx: ["dedup", str(ctx.artifacts["filter"])]),
+    Step(
+        "tokenize train",
+        "tokenizer",
+        lambda ctx: ["tokenize", "train", str(ctx.artifacts["dedup"]), "--vocab-size", "2048"],
+    ),
+    Step(
+        "tokenize encode",
+        "tokens",
+        lambda ctx: [
+            "tokenize", "encode", str(ctx.artifacts["dedup"]), "--tokenizer", str(ctx.artifacts["tokenize train"]),
+            "--val-fraction", "0.1",
+        ],
+    ),
+    Step(
+        "pretrain",
+        "run",
+        lambda ctx: [
+            "pretrain", str(ctx.artifacts["tokenize encode"]), "--preset", "micro", "--seq-len", "256",
+            "--micro-batch", "16", "--max-steps", "300", "--time-budget", "120", "--eval-every", "100",
+            "--warmup-steps", "30",
+        ],
+    ),
+    Step(
+        "generate",
+        "samples.jsonl",
+        lambda ctx: _prompts(ctx) + ["--max-new-tokens", "48", "--temperature", "0.8", "--seed", "1"],
+    ),
+    Step("export", "hf", lambda ctx: ["export", str(ctx.artifacts["pretrain"]), "--format", "hf"]),
+    Step(
+        "eval",
+        "eval",
+        lambda ctx: ["eval", str(ctx.artifacts["pretrain"]), "--task", f"ppl:{heldout_text(ctx)}"],
     ),
 ]
+
+
+def _prompts(ctx: Context) -> list[str]:
+    path = ctx.out / "prompts.txt"
+    if not path.exists():
+        path.write_text("class \nReturn the \ndef \n", encoding="utf-8")
+    return ["generate", str(ctx.artifacts["pretrain"]), "--prompts", str(path)]
 
 
 def llmctl(*args: str) -> None:
@@ -90,15 +148,17 @@ def main() -> None:
         print(f"serving the site at {base_url}/")
         for step in STEPS:
             dest = OUT / step.artifact
-            if not step.available():
-                print(f"\n== {step.name}: not available in this checkout yet; skipped")
-                continue
             print(f"\n== {step.name} → {dest}")
+            if dest.is_file() and not step.force(ctx):  # a file output (samples) is complete once there
+                print(f"{dest}: already written")
+                ctx.artifacts[step.name] = dest
+                continue
             llmctl(*step.args(ctx), "--out", str(dest), *(["--force"] if step.force(ctx) else []))
             ctx.artifacts[step.name] = dest
     print(f"\ndemo finished in {time.time() - t0:.1f} s. Artifacts:")
     for name, path in ctx.artifacts.items():
-        print(f"  {name:<10} {path.relative_to(ROOT)}/  (manifest.json describes it)")
+        what = "" if path.is_file() else "/  (manifest.json describes it)"
+        print(f"  {name:<16} {path.relative_to(ROOT)}{what}")
 
 
 if __name__ == "__main__":
