@@ -113,6 +113,7 @@ def main() -> int:
             f.write(json.dumps({"id": i, "text": x}) + "\n")
     n = t.num_rows
     results = {}
+    load0 = os.getloadavg()
     for name, cmd in (
         ("llmctl", [str(PY), "-c", OURS, str(jsonl), str(work / "ours.json"), str(ROOT / "src"), "1"]),
         ("datatrove", [str(dt_py), "-c", DATATROVE, str(jsonl), str(work / "dt.json")]),
@@ -123,7 +124,9 @@ def main() -> int:
         results[name]["wall"] = time.perf_counter() - t0
     ours, dt = results["llmctl"], results["datatrove"]
     o_rate, d_rate = n / ours["seconds"], n / dt["seconds"]
-    print(f"\ndocuments: {n} from {a.docs_dir}")
+    print(f"\ndocuments: {n} from {a.docs_dir}; load average (1/5/15 min) at the start "
+          f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(a shared machine: docs/s fall with load, the ratio is the figure to compare)")
     print(f"{'':12}{'docs/s':>10}{'seconds':>10}{'peak RSS MiB':>14}{'kept':>8}")
     for name, r, rate in (("llmctl", ours, o_rate), ("datatrove", dt, d_rate)):
         kept = sum(v is None for v in r["decisions"].values())

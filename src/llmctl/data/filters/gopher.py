@@ -40,7 +40,7 @@ class GopherQualityParams(FilterParams):
 class GopherQualityFilter(Filter):
     """Remove a document unless all of Gopher's quality rules hold.
 
-    Words are the regex tokens of base.words_of; "words" for the count and the mean length leave
+    Words are the tokens of base.words_of (spaCy's English rules); "words" for the count and the mean length leave
     out symbol-only tokens, the ratios divide by all tokens (as datatrove does). The stop-word rule
     counts distinct stop words present (lower case, as datatrove).
     """
