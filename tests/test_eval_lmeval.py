@@ -3,7 +3,10 @@ and the same local task files (acc, acc_norm, bits-per-byte and every per-item l
 
 lm-eval is a dev-only peer tool with its own venv (it pulls many packages we do not want in the
 project's): the test drives ``$LLMCTL_LMEVAL_VENV`` (default ``../peers/lmeval-venv`` beside the
-checkout) offline with local task YAMLs, and skips cleanly when that venv is absent. Set it up
+checkout) offline with local task YAMLs, and skips cleanly when that venv is absent. The task is as
+small as still proves the point (6 questions: one-token and multi-token choices, a trailing space
+that moves, non-ASCII text; 2 documents, one spanning several rolling windows) because lm-eval's
+start-up alone takes most of the test's time. Set it up
 with ``python3 -m venv ../peers/lmeval-venv && ../peers/lmeval-venv/bin/pip install torch==2.13.0
 lm-eval transformers accelerate``.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 from test_eval import _one_thread, models, qa_rows, write_task  # noqa: F401  (fixtures)
 
+from llmctl.eval.multiple_choice import context_ids
 from llmctl.eval.runner import EvalConfig, run_eval
 
 VENV = Path(os.environ.get("LLMCTL_LMEVAL_VENV", Path(__file__).resolve().parents[2] / "peers" / "lmeval-venv"))
@@ -27,8 +31,12 @@ MORE = [
     {"q": "The sun rises in the", "opts": ["east", "west", "north side of the valley"], "label": 0},
     {"q": "日本語のテキストです。東京と", "opts": ["大阪", "京都"], "label": 0},
     {"q": "Emoji: 😀 means  ", "opts": ["happy", "sad and tired"], "label": 0},  # trailing spaces move
-    {"q": "import numpy as", "opts": ["np", "pd", "torch"], "label": 0},
+    {"q": "Pick a word:", "opts": ["A", "the", "in", "self"], "label": 2},  # one-token choices (as in MMLU)
 ]
+
+
+def questions() -> list[dict]:
+    return qa_rows()[:2] + MORE
 
 MC_YAML = """task: llmctl_qa
 dataset_path: json
@@ -77,14 +85,18 @@ def run_lm_eval(hf: Path, tasks_dir: Path, out: Path) -> tuple[dict, dict[str, l
     return res, samples
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LM_EVAL.is_file(), reason=f"lm-eval peer venv absent ({VENV}); see the module docstring")
 def test_lm_eval_harness_agrees_on_acc_acc_norm_and_bits_per_byte(models, tmp_path):  # noqa: F811
     _, hf, tok = models
-    spec = write_task(tmp_path / "t", qa_rows() + MORE)
+    spec = write_task(tmp_path / "t", questions())
+    one = [all(len(c) == 1 for c in context_ids(tok, "Question: " + r["q"] + "\nAnswer:", [" " + o for o in r["opts"]])[1])
+           for r in questions()]
+    assert any(one) and not all(one)  # both scoring paths are compared
     docs = tmp_path / "docs.jsonl"
-    texts = [Path(__file__).read_text(encoding="utf-8")[:5000], "Short doc.", "Ünïcödé ñ ß — 日本語のテキスト 😀 " * 30]
+    texts = [Path(__file__).read_text(encoding="utf-8")[:1200] + " Ünïcödé ñ ß — 日本語のテキスト 😀", "Short doc."]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    assert len(tok.encode(texts[0])) > 3 * 128  # several rolling windows, and a short last one
+    assert len(tok.encode(texts[0])) > 2 * 128  # several rolling windows, and a short last one
     yd = tmp_path / "yaml"
     yd.mkdir()
     (yd / "llmctl_qa.yaml").write_text(MC_YAML.format(data=spec.parent / "items.jsonl"))
@@ -102,7 +114,7 @@ def test_lm_eval_harness_agrees_on_acc_acc_norm_and_bits_per_byte(models, tmp_pa
     assert ours[("ppl", "word_perplexity")] == pytest.approx(theirs_ppl["word_perplexity,none"], rel=1e-4)
 
     # stronger than the aggregates: every choice's log-likelihood and every document's
-    assert len(samples["llmctl_qa"]) == len(qa_rows() + MORE) and len(samples["llmctl_ppl"]) == len(texts)
+    assert len(samples["llmctl_qa"]) == len(questions()) and len(samples["llmctl_ppl"]) == len(texts)
     items = [json.loads(x) for x in (tmp_path / "ours" / "items-qa.jsonl").read_text().splitlines()]
     for s in samples["llmctl_qa"]:
         lls = [float(r[0]) for r in s["filtered_resps"]]
