@@ -66,8 +66,8 @@ FilterConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
-        help="TOML file: any option at top level (or under [filter]), and one table per filter "
-        "family with its parameters, e.g. [gopher_quality] min_doc_words = 40, disable = [\"min_stop_words\"].",
+        help="TOML file: any option at top level (or under \\[filter]), and one table per filter "
+        "family with its parameters, e.g. \\[gopher_quality] min_doc_words = 40, disable = [\"min_stop_words\"].",
         is_eager=True,
         callback=_load_filter_config,
         dir_okay=False,
@@ -126,11 +126,11 @@ def run_cmd(
     with filter.toml:
 
       chain = ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
-      [gopher_quality]
+      \\[gopher_quality]
       min_doc_words = 40
       disable = ["min_stop_words"]
-      [pii]
-      email_placeholder = "[email]"
+      \\[pii]
+      email_placeholder = "\\[email]"
     """
     from ..data.filter import FilterConfig, run
 

@@ -20,6 +20,7 @@ in spaCy. A small table of English exceptions (abbreviations such as "Mr." and "
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -349,7 +350,7 @@ def _coerce(family: str, key: str, value: Any, current: Any, annotation: Any) ->
         raise UsageError(f"filter {family}: {key} = {value!r}: not a valid {ann}; fix the value") from None
 
 
-class Filter:
+class Filter(ABC):
     """A step of the chain. Subclasses set ``family`` and ``Params`` and implement :meth:`apply`.
 
     ``counters`` collects the filter's own statistics beyond removals (lines dropped, redactions
@@ -367,11 +368,12 @@ class Filter:
         self.params = params
         self.counters: Counter = Counter()
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional hook; most filters need no check
         """Validate files and settings before any work starts (raise UsageError)."""
 
-    def apply(self, doc: Doc) -> str | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, doc: Doc) -> str | None:
+        """The reason to remove ``doc`` (e.g. ``"short_doc"``), or None to keep it; may edit its text."""
 
     def apply_batch(self, docs: list[Doc]) -> list[str | None]:
         """Decide a whole batch; filters that vectorise (the classifiers) override this."""
