@@ -5,10 +5,9 @@ share it (the choices of one question, or a single continuation). Several reques
 together, in batches of similar length (sorted, so padding is small):
 
 - when every continuation of every request in the batch is ONE token (MMLU's " A".." D", most
-  letter-answer tasks), the contexts are right-padded and run once with the plain causal kernel
-  (padding after a row's last real token cannot influence it); the log-probabilities of all the
-  choices are read from the logits at each row's last context position. One forward pass per
-  question, no cache, no mask.
+  letter-answer tasks), the contexts are run once (unpadded except inside attention, see
+  :func:`last_hidden`) and the log-probabilities of all the choices are read from the logits at
+  each context's last position. One forward pass per question, no cache, no second pass.
 - otherwise the contexts are left-padded and run once, filling a KV cache; the cache rows are then
   repeated once per continuation and every continuation of every request is run in a second
   batch. Positions restart at each row's first real token and a boolean mask hides the padding.
@@ -174,48 +173,64 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
     return out
 
 
-def last_hidden(model: Transformer, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Final hidden state [B, d] at position ``lens[b] - 1`` of each right-padded row of ``ids``.
+def last_hidden(model: Transformer, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Final hidden state [B, d] at the last token of each context; equal to
+    ``model.hidden([ctx])[0, -1]`` for each, computed with less work:
 
-    Equal to ``model.hidden(ids)[b, lens[b] - 1]``, with less work: every block but the last runs
-    on all positions (their keys and values are needed), the last block computes keys and values
-    for all positions but its query, attention output and MLP only at the one position read.
+    - unpadded: norms, projections, RoPE and MLPs run on the real tokens only, laid end to end
+      ([N, d]); only attention sees a padded [B, H, L, hd] layout (causal, so a row's padding,
+      which comes after its tokens, is never attended to);
+    - the last block computes keys and values for every token but its query, attention output
+      and MLP only at the one position that is read.
     """
-    B, T = ids.shape
-    cos, sin = model.rope_cos[:T][None, None], model.rope_sin[:T][None, None]
-    x = model.embed_tokens(ids)
-    for layer in model.layers[:-1]:
-        x = layer(x, cos, sin, None, None, 0)
-    blk = model.layers[-1]
-    att, cfg = blk.self_attn, model.cfg
-    rows, last = torch.arange(B, device=ids.device), lens - 1
-    hn = blk.input_layernorm(x)
-    hl = hn[rows, last][:, None]  # [B, 1, d]
-    q = att.q_proj(hl).view(B, 1, cfg.n_head, cfg.head_dim).transpose(1, 2)
-    k = att.k_proj(hn).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-    v = att.v_proj(hn).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-    if att.q_norm is not None:
-        q, k = att.q_norm(q), att.k_norm(k)
-    q = apply_rope(q, model.rope_cos[last][:, None, None], model.rope_sin[last][:, None, None])
-    k = apply_rope(k, cos, sin)
-    mask = (torch.arange(T, device=ids.device)[None] <= last[:, None])[:, None, None]  # [B, 1, 1, T]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.n_kv_head != cfg.n_head)
-    xl = x[rows, last] + att.o_proj(y.reshape(B, cfg.n_head * cfg.head_dim))
-    xl = xl + blk.mlp(blk.post_attention_layernorm(xl))
-    return model.norm(xl)
+    dev = model.embed_tokens.weight.device
+    cfg = model.cfg
+    H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    B, L = len(contexts), max(len(c) for c in contexts)
+    lens = torch.tensor([len(c) for c in contexts])
+    pos = torch.cat([torch.arange(n) for n in lens.tolist()]).to(dev)  # [N] position of each token
+    slot = (torch.repeat_interleave(torch.arange(B), lens) * L).to(dev) + pos  # [N] place in [B*L]
+    ends = (torch.cumsum(lens, 0) - 1).to(dev)  # [B] index of each row's last token in [N]
+    ids = torch.tensor([t for c in contexts for t in c], device=dev)
+    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # [N, 1, hd]
+    gqa = KV != H
+
+    def padded(t: torch.Tensor, heads: int) -> torch.Tensor:  # [N, heads, hd] → [B, heads, L, hd]
+        out = t.new_zeros(B * L, heads, hd)
+        out[slot] = t
+        return out.view(B, L, heads, hd).transpose(1, 2)
+
+    x = model.embed_tokens(ids)  # [N, d]
+    for i, blk in enumerate(model.layers):
+        att = blk.self_attn
+        h = blk.input_layernorm(x)
+        last = i == len(model.layers) - 1
+        q = att.q_proj(h[ends] if last else h).view(-1, H, hd)
+        k = att.k_proj(h).view(-1, KV, hd)
+        v = att.v_proj(h).view(-1, KV, hd)
+        if att.q_norm is not None:
+            q, k = att.q_norm(q), att.k_norm(k)
+        k = apply_rope(k, cos, sin)
+        if not last:
+            q = apply_rope(q, cos, sin)
+            y = F.scaled_dot_product_attention(padded(q, H), padded(k, KV), padded(v, KV), is_causal=True, enable_gqa=gqa)
+            y = y.transpose(1, 2).reshape(B * L, H * hd)[slot]  # back to [N, H·hd]
+            x = x + att.o_proj(y)
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        else:
+            q = apply_rope(q, cos[ends], sin[ends])[:, :, None]  # [B, H, 1, hd]
+            mask = (torch.arange(L, device=dev)[None] < lens.to(dev)[:, None])[:, None, None]  # [B, 1, 1, L]
+            y = F.scaled_dot_product_attention(q, padded(k, KV), padded(v, KV), attn_mask=mask, enable_gqa=gqa)
+            x = x[ends] + att.o_proj(y.reshape(B, H * hd))
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+    return model.norm(x)
 
 
 def _score_one_token(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
-    """Every continuation is one token: one causal pass over the right-padded contexts (padding
-    after a row's tokens cannot affect them), the choices' log-probabilities read from the last
-    context position of each row."""
+    """Every continuation is one token: one pass over the contexts, the choices'
+    log-probabilities read from the last context position of each (no cache, no second pass)."""
     dev = model.embed_tokens.weight.device
-    lens = [len(r.context) for r in requests]
-    L = max(lens)
-    flat = torch.zeros(len(requests) * L, dtype=torch.long)
-    for i, r in enumerate(requests):
-        flat[i * L : i * L + lens[i]] = torch.as_tensor(r.context)
-    last = last_hidden(model, flat.view(len(requests), L).to(dev), torch.tensor(lens, device=dev))
+    last = last_hidden(model, [r.context for r in requests])
     logp = F.linear(last, model.output_weight()).float().log_softmax(-1)  # [B, V]
     best = logp.argmax(-1).tolist()
     owner = [i for i, r in enumerate(requests) for _ in r.continuations]
