@@ -15,7 +15,20 @@ except ImportError:  # pragma: no cover - older typer on the click package
 
 from ..errors import UsageError
 
-__all__ = ["ClickException", "ConfigOpt", "DefaultGroup", "ForceOpt", "SeedOpt", "ShardOpt", "WorkersOpt", "parse_shard"]
+__all__ = [
+    "ClickException", "ConfigOpt", "DefaultGroup", "ForceOpt", "SeedOpt", "ShardOpt", "WorkersOpt", "parse_shard",
+    "read_toml",
+]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A --config file's contents, or a one-line UsageError naming what is wrong with it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise UsageError(f"{path}: config file not found; check the --config path") from e
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: not a valid TOML config ({e}); fix the file") from e
 
 
 def _load_config(ctx: Any, param: Any, value: Path | None) -> Path | None:
@@ -26,12 +39,7 @@ def _load_config(ctx: Any, param: Any, value: Path | None) -> Path | None:
     """
     if value is None:
         return None
-    try:
-        data = tomllib.loads(Path(value).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UsageError(f"{value}: config file not found; check the --config path") from e
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"{value}: not a valid TOML config ({e}); fix the file") from e
+    data = read_toml(value)
     name = ctx.info_name or ""
     section = data.get(name) if isinstance(data.get(name), dict) else None
     options = section if section is not None else {k: v for k, v in data.items() if not isinstance(v, dict)}

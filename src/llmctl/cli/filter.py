@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +10,7 @@ import typer
 from ..console import summary, table
 from ..errors import UsageError
 from . import app
-from .common import DefaultGroup, ForceOpt, SeedOpt, ShardOpt, WorkersOpt, parse_shard
+from .common import DefaultGroup, ForceOpt, SeedOpt, ShardOpt, WorkersOpt, parse_shard, read_toml
 
 filter_app = typer.Typer(
     cls=DefaultGroup,
@@ -32,12 +31,7 @@ def _load_filter_config(ctx: typer.Context, param: Any, value: Path | None) -> P
     """
     if value is None:
         return None
-    try:
-        data = tomllib.loads(Path(value).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UsageError(f"{value}: config file not found; check the --config path") from e
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"{value}: not a valid TOML config ({e}); fix the file") from e
+    data = read_toml(value)
     if isinstance(data.get("filter"), dict):
         data = data["filter"]
     from ..data.filters import REGISTRY
