@@ -46,6 +46,7 @@ import contextlib
 import json
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ class TrainContext:
     config: LoopConfig
 
 
-class Objective:
+class Objective(ABC):
     """Base class of a training objective; see the module docstring for the contract."""
 
     name = "objective"
@@ -114,16 +115,19 @@ class Objective:
     def extra_modules(self) -> dict[str, nn.Module]:
         return {}
 
+    @abstractmethod
     def next_batch(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The next micro-batch of this rank (tensors on CPU; the loop moves them to the device)."""
 
+    @abstractmethod
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        raise NotImplementedError
+        """Tokens the batch trains on (for tokens/s, MFU and --max-tokens)."""
 
+    @abstractmethod
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        raise NotImplementedError
+        """The scalar loss to minimise and the metrics to log for this micro-batch."""
 
     def evaluate(self, model: nn.Module, modules: dict[str, nn.Module], full: bool) -> dict[str, float]:
         return {}
