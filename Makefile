@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llmctl-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,21 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 
+# Benchmarks whose peer installs with the project (wget, HF tokenizers, transformers, scipy).
 bench: setup
-	$(PY) scripts/bench_extract.py
 	$(PY) scripts/bench_crawl.py
+	$(PY) scripts/bench_tokenizer.py
+	$(PY) scripts/bench_generate.py
+	$(PY) scripts/bench_scaling.py
+
+# Benchmarks against peers that live in their own venvs or checkouts under ../peers
+# (datatrove, lm-evaluation-harness, nanoGPT): each script's docstring says how to install its peer.
+bench-peers: setup
+	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_filter.py
+	$(PY) scripts/bench_dedup.py
+	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_pretrain.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
