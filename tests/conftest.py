@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 #: real data shared by the team; never copied into the repository
@@ -45,3 +46,38 @@ def run_llmctl(*args: str | os.PathLike, timeout: float = 300, env: dict | None 
 @pytest.fixture
 def llmctl():
     return run_llmctl
+
+
+def cli(*args: str | os.PathLike) -> int:
+    """The real CLI entry point in-process (a subprocess pays torch's import); returns the exit code."""
+    from llmctl.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are chains of tiny ops: one torch thread avoids spinning on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    """A real llmctl tokenizer trained on this repository's source and multilingual text."""
+    from modelkit import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
+
+
+@pytest.fixture(scope="module")
+def tok(spm_model):
+    from llmctl.model.generate import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(spm_model)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generate import make_run, train_tokenizer
+from conftest import cli
+from modelkit import make_run, train_tokenizer
 
 from llmctl.errors import UsageError
 from llmctl.eval.contamination import find_contaminated, item_grams
@@ -40,23 +41,9 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cli(*args) -> int:
-    """The real CLI entry point, in-process (a subprocess pays torch's import on a busy machine)."""
-    from llmctl.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

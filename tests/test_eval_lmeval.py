@@ -19,10 +19,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_eval import _one_thread, models, qa_rows, write_task  # noqa: F401  (fixtures)
+from test_eval import models, qa_rows, write_task  # noqa: F401  (fixtures)
 
 from llmctl.eval.multiple_choice import context_ids
 from llmctl.eval.runner import EvalConfig, run_eval
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VENV = Path(os.environ.get("LLMCTL_LMEVAL_VENV", Path(__file__).resolve().parents[2] / "peers" / "lmeval-venv"))
 LM_EVAL = VENV / "bin" / "lm_eval"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelkit import EXTRA_TEXT, PROMPTS, make_run
 from safetensors import safe_open
-from test_generate import EXTRA_TEXT, PROMPTS, make_run, train_tokenizer
 
 from llmctl.errors import UsageError
 from llmctl.model.generate import GenerateConfig, SentencePieceTokenizer, generate, run_generate
@@ -39,22 +39,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
-
-
-@pytest.fixture(scope="module")
-def tok(spm_model):
-    return SentencePieceTokenizer(spm_model)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli
 
 from llmctl.data.docs import schema, shard_filename, write_table
 
@@ -68,15 +69,6 @@ def make_docs(path: Path, n_good: int = 20, seed: int = 0, with_language: bool =
     return kinds
 
 
-def cli(*args) -> int:
-    """The real CLI entry point, in-process (subprocess start-up is slow on a shared machine)."""
-    from llmctl.cli import main
-
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def read_dir(path: Path, prefix: str = "docs") -> pa.Table:
