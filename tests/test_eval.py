@@ -98,6 +98,23 @@ def test_batched_shared_context_scoring_equals_one_by_one_uncached():
         score_requests(m, [Request([1] * 40, [[2] * 10])])
 
 
+def test_single_continuation_batches_equal_uncached_reference():
+    """Perplexity windows and LAMBADA words (one continuation each) run as right-padded whole
+    sequences; their scores must equal the uncached reference whatever the padding."""
+    torch.manual_seed(1)
+    m = Transformer(ModelConfig(vocab_size=300, n_layer=2, n_head=4, d_model=64, max_seq_len=48, init_std=0.15)).eval()
+    rng = random.Random(2)
+    reqs = [
+        Request([rng.randrange(300) for _ in range(rng.randint(1, 20))],
+                [[rng.randrange(300) for _ in range(rng.randint(2, 28))]])
+        for _ in range(30)
+    ]
+    got = score_requests(m, reqs, max_batch_tokens=400)
+    for r, (s,) in zip(reqs, got, strict=True):
+        ref = reference_score(m, r.context, r.continuations[0])
+        assert abs(ref.loglik - s.loglik) < 1e-4 and ref.greedy == s.greedy and s.n_tokens == len(r.continuations[0])
+
+
 def test_context_split_moves_trailing_spaces_and_tokenises_together(models):
     tok = models[2]
     ctx, cont = split_pair(tok, "Question: the fox  ", "jumps")

@@ -123,6 +123,8 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
     """Scores of every continuation of every request, in order."""
     if all(one_token(r) for r in requests):
         return _score_one_token(model, requests)
+    if all(len(r.continuations) == 1 for r in requests):
+        return _score_whole_sequences(model, requests)
     dev = model.embed_tokens.weight.device
     W = model.output_weight()
     B = len(requests)
@@ -224,6 +226,32 @@ def last_hidden(model: Transformer, contexts: Sequence[Sequence[int]]) -> torch.
             x = x[ends] + att.o_proj(y.reshape(B, H * hd))
             x = x + blk.mlp(blk.post_attention_layernorm(x))
     return model.norm(x)
+
+
+def _score_whole_sequences(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
+    """Requests with one continuation each (rolling perplexity windows, LAMBADA's last word).
+
+    Nothing is shared between continuations, so each request is one causal pass over context +
+    continuation, right-padded: padding sits after every real token, so causal attention never
+    lets a real position see it, and positions start at 0 without a mask or a cache.
+    """
+    dev = model.embed_tokens.weight.device
+    seqs = [r.context + r.continuations[0] for r in requests]
+    width = max(len(q) for q in seqs) - 1  # the last token is only ever a target
+    x = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)
+    for i, q in enumerate(seqs):
+        x[i, : len(q) - 1] = torch.tensor(q[:-1], device=dev)
+    h = model.hidden(x)
+    W = model.output_weight()
+    out: list[list[Score]] = []
+    for i, r in enumerate(requests):
+        cont = r.continuations[0]
+        start = len(r.context) - 1
+        logp = F.linear(h[i, start : start + len(cont)], W).float().log_softmax(-1)
+        tgt = torch.tensor(cont, device=dev)
+        ll = float(logp.gather(-1, tgt[:, None])[:, 0].double().sum())
+        out.append([Score(ll, bool((logp.argmax(-1) == tgt).all()), len(cont))])
+    return out
 
 
 def _score_one_token(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
