@@ -17,8 +17,8 @@ import torch
 
 from ..artifacts import StageRun, write_json_atomic
 from ..console import console, progress
+from ..device import resolve_device
 from ..errors import UsageError
-from ..model.generate import resolve_device
 from ..model.hf import is_hf_dir, load_any
 from . import contamination, generation_mc, perplexity
 from .multiple_choice import Request, many_context_ids, request_length, score_requests

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..errors import UsageError
 from .transformer import Transformer
 
@@ -120,24 +121,6 @@ def as_tokenizer(tok: Any) -> TextTokenizer:
     if all(isinstance(getattr(tok, n, None), int) for n in ("bos_id", "eos_id", "pad_id", "vocab_size")):
         return tok  # already speaks the protocol
     return _DuckTokenizer(tok)
-
-
-# -- devices -----------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: MPS is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or mps") from e
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -209,7 +209,7 @@ class Trainer:
             raise UsageError("no stopping rule: give --max-steps, --max-tokens or --time-budget")
         if accum_steps < 1:
             raise UsageError("gradient accumulation steps must be ≥ 1")
-        from .precision import resolve_device
+        from ..device import resolve_device
 
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.dist.enabled:

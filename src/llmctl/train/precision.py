@@ -44,14 +44,6 @@ CUDA_PEAKS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
-
-
 def _cache_file() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "llmctl" / "matmul_peak.json"

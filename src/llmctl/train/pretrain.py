@@ -36,6 +36,7 @@ import torch
 
 from ..artifacts import StageRun, write_json_atomic
 from ..console import console
+from ..device import resolve_device
 from ..errors import UsageError
 from ..model.config import ModelConfig, from_preset
 from ..model.io import CONFIG, TOKENIZER, WEIGHTS, save_weights
@@ -43,7 +44,7 @@ from ..model.transformer import Transformer, lm_loss
 from ..tokens import BatchSampler, TokenArtifact, check_compatible, iter_eval_windows
 from .distributed import init_distributed
 from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
-from .precision import available_memory, resolve_device, resolve_precision
+from .precision import available_memory, resolve_precision
 
 STAGE = "pretrain"
 
