@@ -75,9 +75,9 @@ def build_model(work: Path) -> Path:
     corpus = SHARED / "corpora" / "tinyshakespeare.txt"
     train(TrainConfig(docs=[str(corpus)], out=str(work / "tok"), vocab_size=4000, heldout_fraction=0.0, threads=1))
     spm = work / "tok" / "tokenizer.model"
-    from llmctl.model.generate import SentencePieceTokenizer
+    from llmctl.tokenizer import Tokenizer
 
-    cfg = ModelConfig(vocab_size=SentencePieceTokenizer(spm).vocab_size, n_layer=4, n_head=4, d_model=256, max_seq_len=2048)
+    cfg = ModelConfig(vocab_size=Tokenizer(spm).vocab_size, n_layer=4, n_head=4, d_model=256, max_seq_len=2048)
     torch.manual_seed(0)
     model = Transformer(cfg)
     run = StageRun.open(work / "run", "pretrain", {"bench": True})

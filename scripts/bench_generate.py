@@ -38,12 +38,13 @@ def main() -> None:
     import transformers
     from test_generate import make_run, train_tokenizer
 
-    from llmctl.model.generate import SentencePieceTokenizer, generate
+    from llmctl.model.generate import generate
     from llmctl.model.hf import ExportConfig, export_hf
+    from llmctl.tokenizer import Tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     spm_model = train_tokenizer(tmp / "tok", vocab_size=2048)
-    tok = SentencePieceTokenizer(spm_model)
+    tok = Tokenizer(spm_model)
     text = Path(ROOT / "src/llmctl/model/transformer.py").read_text()
     ids = tok.encode(text)
     shapes = {

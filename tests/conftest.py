@@ -78,6 +78,6 @@ def spm_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(spm_model):
-    from llmctl.model.generate import SentencePieceTokenizer
+    from llmctl.tokenizer import Tokenizer
 
-    return SentencePieceTokenizer(spm_model)
+    return Tokenizer(spm_model)

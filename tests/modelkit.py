@@ -10,8 +10,8 @@ import torch
 
 from llmctl.artifacts import StageRun, write_json_atomic
 from llmctl.model import ModelConfig, Transformer
-from llmctl.model.generate import SentencePieceTokenizer
 from llmctl.model.io import save_weights
+from llmctl.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def train_tokenizer(out: Path, vocab_size: int = 700) -> Path:
 def make_run(path: Path, spm_model: Path, seed: int = 0, **model_kw) -> Transformer:
     """A finished 'pretrain' run directory with random (but peaked) weights: manifest, config.json,
     model.safetensors and tokenizer.model, in the layout model/io.py reads."""
-    kw = dict(vocab_size=SentencePieceTokenizer(spm_model).vocab_size, n_layer=2, n_head=4, d_model=64,
+    kw = dict(vocab_size=Tokenizer(spm_model).vocab_size, n_layer=2, n_head=4, d_model=64,
               max_seq_len=96, init_std=0.15)
     kw.update(model_kw)
     cfg = ModelConfig(**kw)

@@ -28,8 +28,8 @@ from llmctl.eval.perplexity import rolling_windows
 from llmctl.eval.runner import EvalConfig, run_eval
 from llmctl.eval.tasks import load_mmlu, load_task
 from llmctl.model import ModelConfig, Transformer
-from llmctl.model.generate import SentencePieceTokenizer
 from llmctl.model.hf import ExportConfig, export_hf, load_any
+from llmctl.tokenizer import Tokenizer
 
 QUESTIONS = [
     ("What do bees make?", ["honey", "steel", "glass"], 0),
@@ -53,7 +53,7 @@ def models(tmp_path_factory):
     spm = train_tokenizer(root / "tok")
     make_run(root / "run", spm, seed=3, n_kv_head=2, max_seq_len=128)
     export_hf(ExportConfig(run=root / "run", out=root / "hf"))
-    return root / "run", root / "hf", SentencePieceTokenizer(spm)
+    return root / "run", root / "hf", Tokenizer(spm)
 
 
 def write_task(d: Path, rows: list[dict], **spec) -> Path:

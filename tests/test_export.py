@@ -12,8 +12,9 @@ from modelkit import EXTRA_TEXT, PROMPTS, make_run
 from safetensors import safe_open
 
 from llmctl.errors import UsageError
-from llmctl.model.generate import GenerateConfig, SentencePieceTokenizer, generate, run_generate
+from llmctl.model.generate import GenerateConfig, generate, run_generate
 from llmctl.model.hf import ExportConfig, HFTokenizer, build_hf_tokenizer, export_hf, load_hf
+from llmctl.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,7 +115,7 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
     assert hf_tok.pad_token_id == tok.pad_id
 
-    assert isinstance(load_hf(hf_dir)[1], SentencePieceTokenizer)  # our export: the run's own model
+    assert isinstance(load_hf(hf_dir)[1], Tokenizer)  # our export: the run's own model
     c = json.loads((hf_dir / "config.json").read_text())
     back = HFTokenizer(hf_dir / "tokenizer.json", c["bos_token_id"], c["eos_token_id"], c["pad_token_id"])
     for t in texts:

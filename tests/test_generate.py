@@ -17,12 +17,12 @@ from llmctl.model import ModelConfig, Transformer
 from llmctl.model.generate import (
     GenerateConfig,
     SamplingParams,
-    SentencePieceTokenizer,
     _Detokenizer,
     filter_logits,
     generate,
     run_generate,
 )
+from llmctl.tokenizer import Tokenizer
 
 #: decoding a tiny model is a chain of tiny ops: one thread avoids spinning on a shared machine
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory, spm_model) -> Path:
 
 
 def _model(spm_model, **kw) -> Transformer:
-    vocab = SentencePieceTokenizer(spm_model).vocab_size
+    vocab = Tokenizer(spm_model).vocab_size
     torch.manual_seed(kw.pop("seed", 0))
     kw = {"init_std": 0.15, **kw}
     return Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, d_model=64, max_seq_len=96, **kw)).eval()
@@ -117,7 +117,7 @@ def test_stop_string_and_eos_end_generation(spm_model, tok):
     assert c.finish_reason == "stop" and c.text == full.text[:at]
     assert c.token_ids == full.token_ids[: len(c.token_ids)] and len(c.token_ids) < 30
 
-    class EosIsToken(SentencePieceTokenizer):  # pretend the 4th greedy token is EOS
+    class EosIsToken(Tokenizer):  # pretend the 4th greedy token is EOS
         pass
 
     fake = EosIsToken(spm_model)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import KVCache, Transformer, apply_rope
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -48,9 +49,8 @@ def encode_many(tok, texts: Sequence[str]) -> list[list[int]]:
     """``[tok.encode(t) for t in texts]`` in one call where the tokenizer has a batch API
     (sentencepiece takes a list; ``tokenizers`` has ``encode_batch``); the same ids either way."""
     texts = list(texts)
-    sp = getattr(tok, "sp", None)
-    if sp is not None and type(sp).__name__ == "SentencePieceProcessor" and type(tok).__name__ == "SentencePieceTokenizer":
-        return [list(x) for x in sp.encode(texts)]
+    if isinstance(tok, Tokenizer):  # sentencepiece takes the whole list in one call
+        return tok.encode(texts)
     inner = getattr(tok, "tok", None)
     if type(tok).__name__ == "HFTokenizer" and hasattr(inner, "encode_batch"):
         return [e.ids for e in inner.encode_batch(texts, add_special_tokens=False)]

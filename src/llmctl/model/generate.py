@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..errors import UsageError
+from ..tokenizer import load_tokenizer
 from .transformer import Transformer
 
 
@@ -48,79 +49,14 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-class SentencePieceTokenizer:
-    """Our sentencepiece model (``tokenizer.model`` of a run) behind the :class:`TextTokenizer` API."""
-
-    def __init__(self, source: str | Path | Any) -> None:
-        import sentencepiece as spm
-
-        if isinstance(source, str | Path):
-            path = Path(source)
-            if not path.is_file():
-                raise UsageError(f"{path}: no sentencepiece model; pass a run with tokenizer.model")
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        else:
-            self.sp = source
-        self.vocab_size = int(self.sp.get_piece_size())
-        self.bos_id = int(self.sp.bos_id())
-        self.eos_id = int(self.sp.eos_id())
-        self.pad_id = int(self.sp.pad_id())
-        self.unk_id = int(self.sp.unk_id())
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
-def _attr(obj: Any, *names: str) -> int | None:
-    for n in names:
-        v = getattr(obj, n, None)
-        if callable(v):
-            v = v()
-        if isinstance(v, int):
-            return v
-    return None
-
-
-class _DuckTokenizer:
-    """Adapts another tokenizer wrapper (e.g. ``llmctl.tokenizer.load_tokenizer``) by its names."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-        inner = getattr(tok, "sp", None)
-        self.bos_id = _attr(tok, "bos_id") if _attr(tok, "bos_id") is not None else _attr(inner, "bos_id")
-        self.eos_id = _attr(tok, "eos_id") if _attr(tok, "eos_id") is not None else _attr(inner, "eos_id")
-        pad = _attr(tok, "pad_id") if _attr(tok, "pad_id") is not None else _attr(inner, "pad_id")
-        self.pad_id = pad if pad is not None else -1
-        self.vocab_size = _attr(tok, "vocab_size", "get_piece_size", "__len__") or _attr(inner, "get_piece_size")
-        if self.bos_id is None or self.eos_id is None or self.vocab_size is None:
-            raise TypeError(f"cannot use {type(tok).__name__} as a tokenizer: no bos_id/eos_id/vocab_size")
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            ids = self.tok.encode(text, add_bos=False, add_eos=False)
-        except TypeError:
-            ids = self.tok.encode(text)
-        return [int(i) for i in ids]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids])
-
-
 def as_tokenizer(tok: Any) -> TextTokenizer:
-    """A :class:`TextTokenizer` from a path to a sentencepiece model, a SentencePieceProcessor, or any
-    wrapper with ``encode``/``decode`` and ``bos_id``/``eos_id`` (attributes or methods)."""
-    if isinstance(tok, SentencePieceTokenizer | _DuckTokenizer):
-        return tok
+    """A :class:`TextTokenizer` from a tokenizer object that speaks it (llmctl's ``Tokenizer``, the
+    export's ``HFTokenizer``) or a path to a sentencepiece model / an artifact holding one."""
     if isinstance(tok, str | Path):
-        return SentencePieceTokenizer(tok)
-    if type(tok).__name__ == "SentencePieceProcessor":
-        return SentencePieceTokenizer(tok)
+        return load_tokenizer(tok)
     if all(isinstance(getattr(tok, n, None), int) for n in ("bos_id", "eos_id", "pad_id", "vocab_size")):
-        return tok  # already speaks the protocol
-    return _DuckTokenizer(tok)
+        return tok
+    raise TypeError(f"cannot use {type(tok).__name__} as a tokenizer: it needs bos_id/eos_id/pad_id/vocab_size")
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -30,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from ..artifacts import MANIFEST, StageRun, read_manifest, write_json_atomic
 from ..console import console
 from ..errors import StageError, UsageError
+from ..tokenizer import Tokenizer
 from .config import ModelConfig
-from .generate import SentencePieceTokenizer, TextTokenizer
+from .generate import TextTokenizer
 from .io import CONFIG, RUN_STAGES, TOKENIZER, WEIGHTS, load_model
 from .transformer import Transformer
 
@@ -435,13 +436,13 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[Trans
     if ours and (path / TOKENIZER).is_file():
         # our own export: the run's sentencepiece model itself (same ids; and the same text for
         # invalid UTF-8 byte runs, which tokenizers' ByteFallback decodes to one U+FFFD per byte)
-        tok: TextTokenizer = SentencePieceTokenizer(path / TOKENIZER)
+        tok: TextTokenizer = Tokenizer(path / TOKENIZER)
     elif (path / "tokenizer.json").is_file():
         tok = HFTokenizer(
             path / "tokenizer.json", c.get("bos_token_id"), c.get("eos_token_id"), c.get("pad_token_id")
         )
     elif (path / TOKENIZER).is_file():
-        tok = SentencePieceTokenizer(path / TOKENIZER)
+        tok = Tokenizer(path / TOKENIZER)
     else:
         raise UsageError(f"{path}: no tokenizer.json or tokenizer.model")
     return model.to(device).eval(), tok, c
@@ -456,4 +457,4 @@ def load_any(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tran
     model, _ = load_model(path, device)
     if not (path / TOKENIZER).is_file():
         raise UsageError(f"{path}: has no {TOKENIZER}; the run is missing its tokenizer")
-    return model, SentencePieceTokenizer(path / TOKENIZER)
+    return model, Tokenizer(path / TOKENIZER)
