@@ -484,3 +484,65 @@ def test_hosts_proceed_at_once_each_at_its_own_pace_and_timeouts_count(tmp_path)
     finally:
         a.close()
         b.close()
+
+
+def test_store_writes_the_bytes_warcio_would(tmp_path, monkeypatch):
+    """Our own record writer (level-6 gzip members from a writer thread) produces, once
+    decompressed, exactly what warcio's WARCWriter writes for the same records: header order,
+    digests, percent-encoding of a non-ASCII HTTP header, WARC-Truncated, the warcinfo record."""
+    import base64
+    import gzip
+    import hashlib
+    import itertools
+    from io import BytesIO
+
+    from warcio.recordbuilder import RecordBuilder
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from llmctl.artifacts import StageRun
+    from llmctl.data import crawl_store as cs
+
+    date = "2026-01-02T03:04:05.250000Z"
+    ours_ids = itertools.count()
+    monkeypatch.setattr(cs, "_record_id", lambda: f"<urn:uuid:{next(ours_ids)}>")
+    monkeypatch.setattr(cs, "warc_date", lambda ts: date)
+    ex = cs.Exchange("http://h/caf%C3%A9?q=1", 0.0, "GET /caf%C3%A9?q=1 HTTP/1.1", [("Host", "h"), ("Accept", "*/*")],
+                     "HTTP/1.1", 200, "OK", [("Content-Type", "text/html"), ("Content-Encoding", "gzip"),
+                                             ("Content-Length", "17"), ("X-Odd", "caf\xe9")],
+                     b"<p>payload</p>" * 300, truncated=True, ip="127.0.0.1")
+    info = {"software": "test", "robots": "obey", "empty": ""}
+    st = StageRun.open(tmp_path / "c", "crawl", {"x": 1})
+    store = cs.WarcStore(st, shard_bytes=1 << 20, info=info)
+    store.record({"kind": "page", "url": ex.url}, [ex])
+    shards = store.close()
+    ours = gzip.decompress(st.path(shards[0]).read_bytes())
+
+    # the reference: warcio, fed the same record ids (warcinfo 0, response 1, request 2) and date
+    ref_ids = iter(["<urn:uuid:0>", "<urn:uuid:2>"])
+    monkeypatch.setattr(RecordBuilder, "_make_warc_id", classmethod(lambda cls: next(ref_ids)))
+    monkeypatch.setattr(RecordBuilder, "_make_warc_date", classmethod(lambda cls, use_micros=False: date))
+    buf = BytesIO()
+    w = WARCWriter(buf, gzip=False, warc_version="1.1")
+    w.write_record(w.create_warcinfo_record(shards[0], info))
+    common = {"WARC-Date": date, "WARC-Warcinfo-ID": "<urn:uuid:0>", "WARC-IP-Address": "127.0.0.1"}
+    req_http = StatusAndHeaders(ex.request_line, ex.request_headers, is_http_request=True)
+    req_http.compute_headers_buffer()
+    resp_http = StatusAndHeaders("200 OK", cs.stored_headers(ex.headers, len(ex.body)), protocol="HTTP/1.1")
+    resp_http.compute_headers_buffer()
+
+    def sha1(data: bytes) -> str:
+        return "sha1:" + base64.b32encode(hashlib.sha1(data).digest()).decode()
+
+    w.write_record(w.create_warc_record(ex.url, "request", payload=BytesIO(b""), length=0, http_headers=req_http,
+                                        warc_headers_dict={**common, "WARC-Concurrent-To": "<urn:uuid:1>",
+                                                           "WARC-Block-Digest": sha1(req_http.headers_buff),
+                                                           "WARC-Payload-Digest": sha1(b"")}))
+    w.write_record(w.create_warc_record(ex.url, "response", payload=BytesIO(ex.body), length=len(ex.body),
+                                        http_headers=resp_http,
+                                        warc_headers_dict={**common, "WARC-Record-ID": "<urn:uuid:1>",
+                                                           "WARC-Block-Digest": sha1(resp_http.headers_buff + ex.body),
+                                                           "WARC-Payload-Digest": sha1(ex.body),
+                                                           "WARC-Truncated": "length"}))
+    assert b"X-Odd: caf%C3%A9" in ours and b"X-Crawler-Content-Encoding: gzip" in ours
+    assert ours == buf.getvalue()

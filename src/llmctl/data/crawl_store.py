@@ -6,27 +6,31 @@ they occupy. A rerun after ``kill -9`` replays the journal to rebuild the seen-s
 the open shard back to the end of the last journalled record (so a record half-written at the kill
 is discarded and a fetched-but-unjournalled page is simply fetched again) and drops a torn last
 journal line. Shards rotate at a size limit and are committed by an atomic rename; each starts with
-a warcinfo record and holds one record per gzip member (warcio's ``WARCWriter``).
+a warcinfo record and holds one record per gzip member, the bytes warcio's ``WARCWriter`` would
+write (a test compares them), built, digested and compressed by a writer thread so that zlib and
+hashlib, which release the GIL, run beside the event loop.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import queue
+import threading
+import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
-
 from ..artifacts import StageRun
+from ..errors import StageError
 
 JOURNAL = "journal.jsonl"
 SHARD_PREFIX = "crawl"
@@ -50,6 +54,41 @@ def _sha1(*parts: bytes) -> str:
     for p in parts:
         h.update(p)
     return "sha1:" + base64.b32encode(h.digest()).decode("ascii")
+
+
+_EMPTY_SHA1 = _sha1(b"")
+GZIP_LEVEL = 6
+
+
+def _record_id() -> str:
+    return f"<urn:uuid:{uuid.uuid4()}>"
+
+
+def _warc_head(headers: list[tuple[str, str]]) -> bytes:
+    return ("WARC/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode("utf-8")
+
+
+def _http_head(protocol: str, statusline: str, headers: list[tuple[str, str]]) -> bytes:
+    """An HTTP message's start line and headers as warcio stores them (ASCII; a header that is
+    not is percent-encoded the way warcio does it, by warcio itself)."""
+    text = f"{protocol} {statusline}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError:
+        from warcio.statusandheaders import StatusAndHeaders
+
+        sh = StatusAndHeaders(statusline, list(headers), protocol=protocol)
+        sh.compute_headers_buffer()
+        return sh.headers_buff
+
+
+def _gzip_member(*parts: bytes) -> bytes:
+    """One WARC record (header block, content block parts) as one gzip member."""
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS + 16)
+    out = [c.compress(p) for p in parts]
+    out.append(c.compress(b"\r\n\r\n"))
+    out.append(c.flush())
+    return b"".join(out)
 
 
 @dataclass
@@ -101,10 +140,15 @@ class WarcStore:
         self.committed: list[str] = []
         self.index = 0  # index of the next shard to open
         self._fh: Any = None
-        self._writer: WARCWriter | None = None
+        self._pos = 0  # size of the open shard, counting records not yet written out
         self._name: str | None = None
         self._warcinfo_id: str | None = None
         self._journal: Any = None
+        self._recs: list[bytes] = []  # gzip members waiting to be written, then ...
+        self._lines: list[bytes] = []  # ... the journal lines that account for them
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # -- resume ---------------------------------------------------------------------------------
     def replay(self) -> list[dict[str, Any]]:
@@ -170,113 +214,158 @@ class WarcStore:
         opened = next(e for e in entries if e.get("kind") == "shard-open" and e["shard"] == name)
         self._name = name
         self._warcinfo_id = opened["warcinfo_id"]
-        self._fh = open(self.run.path(name + ".partial"), "ab")  # noqa: SIM115 - lives across calls
-        self._writer = WARCWriter(self._fh, gzip=True, warc_version="1.1")
+        self._fh = open(self.run.path(name + ".partial"), "ab", buffering=0)  # noqa: SIM115
+        self._pos = self._fh.seek(0, os.SEEK_END)
 
-    # -- writing --------------------------------------------------------------------------------
+    # -- writing (the writer thread) -------------------------------------------------------------
+    def record(self, entry: dict[str, Any], exchanges: Sequence[Exchange] = ()) -> None:
+        """Queue the exchanges' WARC records and the journal line that accounts for them.
+
+        A writer thread builds, digests and compresses the records (hashlib and zlib release the
+        GIL, so this overlaps with the event loop), appends them to the open shard and only then
+        appends the journal line, with the byte range, to the journal. Items are written in the
+        order they were queued. ``entry`` is not modified and must not be modified afterwards.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer_main, name="warc-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((entry, tuple(exchanges)))
+
+    def _writer_main(self) -> None:
+        q = self._queue
+        while True:
+            items = [q.get()]
+            while True:  # take everything queued meanwhile: one write per file for the lot
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = items[-1] is None
+            try:
+                self._write_items([it for it in items if it is not None])
+            except BaseException as e:  # disk full, permissions...: the crawl stops, resumable
+                self._error = StageError(f"{self.run.work}: cannot write the WARC or journal ({e}); free space and rerun")
+                stop = True
+            if stop:
+                return
+
+    def _write_items(self, items: list[tuple[dict[str, Any], tuple[Exchange, ...]]]) -> None:
+        for entry, exchanges in items:
+            if exchanges:
+                if self._fh is None:
+                    self._open_shard()
+                start = self._pos
+                for ex in exchanges:
+                    for member in self._members(ex):
+                        self._recs.append(member)
+                        self._pos += len(member)
+                entry = {**entry, "warc": [self._name, start, self._pos]}
+            self._lines.append(json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n")
+            if exchanges and self._pos >= self.shard_bytes:
+                self._commit_shard()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Records first, then the journal lines naming them: a kill between the two writes
+        leaves records no line accounts for, which replay cuts away."""
+        if self._recs:
+            self._fh.write(b"".join(self._recs))
+            self._recs = []
+        if self._lines:
+            if self._journal is None:
+                self._journal = open(self.journal_path, "ab", buffering=0)  # noqa: SIM115
+            self._journal.write(b"".join(self._lines))
+            self._lines = []
+
     def _log(self, entry: dict[str, Any]) -> None:
-        if self._journal is None:
-            self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        self._journal.flush()
+        self._lines.append(json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n")
 
     def _open_shard(self) -> None:
         name = shard_file(self.index)
         self.index += 1
-        partial = self.run.path(name + ".partial")
-        self._fh = open(partial, "wb")  # noqa: SIM115 - lives across calls
-        self._writer = WARCWriter(self._fh, gzip=True, warc_version="1.1")
-        rec = self._writer.create_warcinfo_record(name, self.info)
-        self._warcinfo_id = rec.rec_headers.get_header("WARC-Record-ID")
-        self._writer.write_record(rec)
-        self._fh.flush()
+        self._fh = open(self.run.path(name + ".partial"), "wb", buffering=0)  # noqa: SIM115
+        self._warcinfo_id = _record_id()
+        fields = "".join(f"{k}: {v}\r\n" for k, v in self.info.items() if v).encode("utf-8")
+        head = [("WARC-Type", "warcinfo"), ("WARC-Record-ID", self._warcinfo_id), ("WARC-Filename", name),
+                ("WARC-Date", warc_date(time.time())), ("WARC-Block-Digest", _sha1(fields)),
+                ("Content-Type", "application/warc-fields"),
+                ("Content-Length", str(len(fields)))]
+        member = _gzip_member(_warc_head(head), fields)
+        self._recs.append(member)
+        self._pos = len(member)
         self._name = name
-        self._log({"kind": "shard-open", "shard": name, "end": self._fh.tell(), "warcinfo_id": self._warcinfo_id})
+        self._log({"kind": "shard-open", "shard": name, "end": self._pos, "warcinfo_id": self._warcinfo_id})
 
-    def _records(self, ex: Exchange) -> list[Any]:
-        w = self._writer
-        assert w is not None
+    def _members(self, ex: Exchange) -> tuple[bytes, bytes]:
+        """The request and response records of ``ex``, one gzip member each.
+
+        Byte for byte what warcio's WARCWriter writes for the same records (header order and
+        spelling, digests, the HTTP header block as warcio encodes it), compressed at zlib level 6
+        instead of warcio's 9: a third less CPU for a few percent more bytes."""
         date = warc_date(ex.started)
-        resp_id = f"<urn:uuid:{uuid.uuid4()}>"
-        common = {"WARC-Date": date, "WARC-Warcinfo-ID": self._warcinfo_id}
+        resp_id = _record_id()
+        common = [("WARC-Date", date), ("WARC-Warcinfo-ID", self._warcinfo_id)]
         if ex.ip:
-            common["WARC-IP-Address"] = ex.ip
-        # digests computed here in one pass (warcio would re-read each record's stream twice);
-        # the block is exactly the HTTP header bytes warcio writes followed by the payload
-        req_http = StatusAndHeaders(ex.request_line, ex.request_headers, is_http_request=True)
-        req_http.compute_headers_buffer()
-        empty = _sha1(b"")
-        req = w.create_warc_record(
-            ex.url,
-            "request",
-            payload=BytesIO(b""),
-            length=0,
-            http_headers=req_http,
-            warc_headers_dict={
-                **common, "WARC-Concurrent-To": resp_id,
-                "WARC-Block-Digest": _sha1(req_http.headers_buff), "WARC-Payload-Digest": empty,
-            },
-        )
-        resp_http = StatusAndHeaders(
-            f"{ex.status} {ex.reason}".strip(), stored_headers(ex.headers, len(ex.body)), protocol=ex.protocol
-        )
-        resp_http.compute_headers_buffer()
-        resp_headers = {
-            **common, "WARC-Record-ID": resp_id,
-            "WARC-Block-Digest": _sha1(resp_http.headers_buff, ex.body), "WARC-Payload-Digest": _sha1(ex.body),
-        }
+            common.append(("WARC-IP-Address", ex.ip))
+        method, target = ex.request_line.split(" ", 1)
+        req_http = _http_head(method, target, ex.request_headers)
+        req = [*common, ("WARC-Concurrent-To", resp_id), ("WARC-Block-Digest", _sha1(req_http)),
+               ("WARC-Payload-Digest", _EMPTY_SHA1), ("WARC-Type", "request"),
+               ("WARC-Record-ID", _record_id()), ("WARC-Target-URI", ex.url),
+               ("Content-Type", "application/http; msgtype=request"), ("Content-Length", str(len(req_http)))]
+        body = ex.body
+        resp_http = _http_head(ex.protocol, f"{ex.status} {ex.reason}".strip(), stored_headers(ex.headers, len(body)))
+        resp = [*common, ("WARC-Record-ID", resp_id), ("WARC-Block-Digest", _sha1(resp_http, body)),
+                ("WARC-Payload-Digest", _sha1(body))]
         if ex.truncated:
-            resp_headers["WARC-Truncated"] = "length"
-        resp = w.create_warc_record(
-            ex.url,
-            "response",
-            payload=BytesIO(ex.body),
-            length=len(ex.body),
-            http_headers=resp_http,
-            warc_headers_dict=resp_headers,
-        )
-        return [req, resp]
-
-    def record(self, entry: dict[str, Any], exchanges: Sequence[Exchange] = ()) -> None:
-        """Write the exchanges' WARC records, then the journal line that accounts for them."""
-        if exchanges:
-            if self._writer is None:
-                self._open_shard()
-            start = self._fh.tell()
-            for ex in exchanges:
-                for rec in self._records(ex):
-                    self._writer.write_record(rec)
-            self._fh.flush()
-            entry["warc"] = [self._name, start, self._fh.tell()]
-        self._log(entry)
-        if exchanges and self._fh.tell() >= self.shard_bytes:
-            self._commit_shard()
+            resp.append(("WARC-Truncated", "length"))
+        resp += [("WARC-Type", "response"), ("WARC-Target-URI", ex.url),
+                 ("Content-Type", "application/http; msgtype=response"),
+                 ("Content-Length", str(len(resp_http) + len(body)))]
+        return _gzip_member(_warc_head(req), req_http), _gzip_member(_warc_head(resp), resp_http, body)
 
     def _commit_shard(self) -> None:
         if self._fh is None:
             return
-        self._fh.flush()
+        self._flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
         name = self._name
         assert name is not None
         self.run.commit(name)
         self.committed.append(name)
-        self._fh = self._writer = self._name = None
+        self._fh = self._name = None
         self._log({"kind": "shard-commit", "shard": name})
 
+    def _drain(self) -> None:
+        """Let the writer thread finish what was queued, then stop it."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> list[str]:
-        """Commit the open shard and sync the journal; return the committed shard names."""
+        """Write what is queued, commit the open shard and sync the journal; return the shard names."""
+        self._drain()
+        if self._error is not None:
+            raise self._error
         self._commit_shard()
+        self._flush()
         if self._journal is not None:
-            self._journal.flush()
             os.fsync(self._journal.fileno())
             self._journal.close()
             self._journal = None
         return list(self.committed)
 
     def abort(self) -> None:
-        """Close files without committing (on an error; the work dir stays resumable)."""
+        """Write what is queued, then close files without committing (on an error or an interrupt;
+        the work dir stays resumable)."""
+        self._drain()
+        if self._error is None:
+            with contextlib.suppress(OSError):
+                self._flush()
         for f in (self._fh, self._journal):
             if f is not None:
                 f.close()
