@@ -37,17 +37,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-import yarl
-
 from .. import __version__
 from ..artifacts import StageRun
 from ..console import console, progress
 from ..errors import StageError, UsageError
+from .crawl_http import FetchError, HttpClient, Response
 from .crawl_net import (
     SCOPES,
-    GuardedResolver,
-    PrivateAddressError,
     Scope,
     extract_links,
     ip_literal,
@@ -276,7 +272,7 @@ class Crawler:
         self.idle = asyncio.Event()
         self.global_slots = asyncio.Semaphore(cfg.concurrency)
         self.loop = asyncio.get_running_loop()
-        self.session: aiohttp.ClientSession | None = None
+        self.http: HttpClient | None = None
         self.bar: Any = None
         self.bar_task: Any = None
         self.failure: BaseException | None = None
@@ -458,71 +454,41 @@ class Crawler:
 
     # -- fetching -------------------------------------------------------------------------------
     async def _fetch(self, url: str, keep_any: bool, attempt_last: bool) -> Exchange | _Skip:
-        assert self.session is not None
+        assert self.http is not None
         started = time.time()
-        try:
-            async with self.session.get(
-                yarl.URL(url, encoded=True), allow_redirects=False, headers=self._headers
-            ) as resp:
-                status = resp.status
-                ip = None
-                if resp.connection is not None and resp.connection.transport is not None:
-                    peer = resp.connection.transport.get_extra_info("peername")
-                    ip = peer[0] if peer else None
-                if status in RETRY_STATUSES and not attempt_last:
-                    raise _Failure(f"http-{status}", True, _retry_after(resp.headers.get("Retry-After")))
-                ctype = resp.headers.get("Content-Type", "")
-                if not keep_any and 200 <= status < 300 and not self._keep(ctype):
-                    return _Skip("content-type", _mime(ctype) or "none", status)
-                body, truncated = await self._read_body(resp)
-                ri = resp.request_info
-                return Exchange(
-                    url=url,
-                    started=started,
-                    request_line=f"{ri.method} {ri.url.raw_path_qs or '/'} HTTP/1.1",
-                    request_headers=list(ri.headers.items()),
-                    protocol=f"HTTP/{resp.version.major}.{resp.version.minor}" if resp.version else "HTTP/1.1",
-                    status=status,
-                    reason=resp.reason or "",
-                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers],
-                    body=body,
-                    truncated=truncated,
-                    ip=ip,
-                )
-        except _Failure:
-            raise
-        except aiohttp.ClientSSLError as e:
-            raise _Failure("tls-error", False) from e
-        except aiohttp.ClientConnectorError as e:
-            if isinstance(getattr(e, "os_error", None), PrivateAddressError):
-                raise _Failure("private-address", False) from e
-            raise _Failure("connect-error", True) from e
-        except TimeoutError as e:
-            raise _Failure("timeout", True) from e
-        except aiohttp.ClientResponseError as e:
-            raise _Failure("bad-response", False) from e
-        except aiohttp.ClientPayloadError as e:
-            raise _Failure("payload-error", True) from e
-        except (aiohttp.ClientError, OSError) as e:
-            raise _Failure("connection-error", True) from e
-        except (ValueError, UnicodeError) as e:
-            raise _Failure("bad-url", False) from e
+        skip: _Skip | None = None
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        limit = self.cfg.max_bytes
-        if resp.content_length is not None and resp.content_length <= limit and not resp.headers.get(
-            "Content-Encoding"
-        ):
-            return await resp.read(), False
-        chunks, n = [], 0
-        while True:
-            chunk = await resp.content.read(min(1 << 16, limit + 1 - n))
-            if not chunk:
-                return b"".join(chunks), False
-            chunks.append(chunk)
-            n += len(chunk)
-            if n > limit:
-                return b"".join(chunks)[:limit], True
+        def decide(resp: Response) -> int | None:
+            """Seen the status and headers: retry, skip without reading the body, or read it."""
+            nonlocal skip
+            status = resp.status
+            if status in RETRY_STATUSES and not attempt_last:
+                raise _Failure(f"http-{status}", True, _retry_after(resp.header("Retry-After")))
+            ctype = resp.header("Content-Type") or ""
+            if not keep_any and 200 <= status < 300 and not self._keep(ctype):
+                skip = _Skip("content-type", _mime(ctype) or "none", status)
+                return None
+            return self.cfg.max_bytes
+
+        try:
+            resp, body, truncated = await self.http.get(url, decide)
+        except FetchError as e:
+            raise _Failure(e.reason, e.retryable) from e
+        if skip is not None:
+            return skip
+        return Exchange(
+            url=url,
+            started=started,
+            request_line=resp.request_line,
+            request_headers=resp.request_headers,
+            protocol=resp.protocol,
+            status=resp.status,
+            reason=resp.reason,
+            headers=resp.headers,
+            body=body,
+            truncated=truncated,
+            ip=resp.ip,
+        )
 
     async def _fetch_with_retries(
         self, host: _Host, url: str, keep_any: bool
@@ -645,30 +611,19 @@ class Crawler:
     async def crawl(self, replayed: list[dict[str, Any]]) -> None:
         for e in replayed:
             self.absorb(e, live=False)
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.concurrency,
-            limit_per_host=self.cfg.per_host + 1,
-            resolver=GuardedResolver(self.cfg.allow_private),
-            ttl_dns_cache=300,
+        self.http = HttpClient(
+            self.cfg.user_agent,
+            accept="text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+            allow_private=self.cfg.allow_private,
+            timeout=self.cfg.timeout,
+            connect_timeout=min(10.0, self.cfg.timeout),
+            per_origin_idle=self.cfg.per_host + 1,
         )
-        self._headers = {
-            "User-Agent": self.cfg.user_agent,
-            "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-            "Accept-Encoding": "gzip, deflate",
-        }
-        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout, connect=min(10.0, self.cfg.timeout))
         with progress() as bar:
             self.bar = bar
             resumed_from = len(self.done)
             self.bar_task = bar.add_task("crawl", total=None, unit="URLs", completed=resumed_from)
-            async with aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                auto_decompress=True,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent",),
-            ) as session:
-                self.session = session
+            try:
                 for s in self.seeds:
                     self.discover(s, 0)
                 self._check_idle()
@@ -678,6 +633,8 @@ class Crawler:
                         if h.task:
                             h.task.cancel()
                     raise self.failure
+            finally:
+                self.http.close()
             task = bar.tasks[0]
             rate = (len(self.done) - resumed_from) / max(task.elapsed or 0.0, 1e-9)
             bar.update(self.bar_task, total=len(self.done), completed=len(self.done))
@@ -693,7 +650,7 @@ def run(cfg: CrawlConfig) -> dict[str, Any]:
         console.print(f"{cfg.out}: crawl already complete with these options; pass --force to redo it", soft_wrap=True)
         return stage.manifest
     info = {
-        "software": f"llmctl/{__version__} (warcio, aiohttp)",
+        "software": f"llmctl/{__version__}",
         "format": "WARC File Format 1.1",
         "conformsTo": "https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/",
         "robots": "obey" if cfg.robots else "ignore",

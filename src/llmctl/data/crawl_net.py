@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
-from aiohttp import ThreadedResolver
-from aiohttp.abc import AbstractResolver
-
 # -- URL normalisation --------------------------------------------------------------------------
 
 _DEFAULT_PORT = {"http": 80, "https": 443}
@@ -195,23 +192,24 @@ class PrivateAddressError(OSError):
         self.host, self.addr = host, addr
 
 
-class GuardedResolver(AbstractResolver):
-    """aiohttp resolver that refuses non-public answers, so the check sees what we connect to."""
+class GuardedResolver:
+    """DNS (the system resolver, in a thread) that refuses non-public answers, so the check is
+    made on the addresses the crawler then connects to."""
 
     def __init__(self, allow_private: bool = False):
-        self._inner = ThreadedResolver()
         self.allow_private = allow_private
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):  # type: ignore[override]
-        infos = await self._inner.resolve(host, port, family)
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        """[{'hostname', 'host' (the address), 'port', 'family'}], in the resolver's order."""
+        import asyncio
+
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        out = [{"hostname": host, "host": sa[0], "port": port, "family": fam} for fam, _, _, _, sa in infos]
         if not self.allow_private:
-            for info in infos:
+            for info in out:
                 if not is_public_address(info["host"]):
                     raise PrivateAddressError(host, info["host"])
-        return infos
-
-    async def close(self) -> None:
-        await self._inner.close()
+        return out
 
 
 # -- HTML ---------------------------------------------------------------------------------------
