@@ -17,7 +17,11 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32 (stable under bf16 autocast), scaled by a weight."""
+    """Root-mean-square norm computed in fp32 (stable under bf16 autocast), scaled by a weight.
+
+    One fused ``F.rms_norm`` kernel instead of five elementwise ops: at small widths the norms'
+    dispatch and autograd overhead, not their arithmetic, is what costs.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -25,27 +29,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [max_len, head_dim] for the half-split rotary convention."""
+    """cos and *signed* sin of shape [max_len, head_dim] for the half-split rotary convention.
+
+    The sin table carries the rotation's sign (−sin on the first half, +sin on the second), so
+    ``apply_rope`` is one roll and two multiplies instead of slices, a negation and a concatenation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     t = torch.arange(max_len, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    sign = torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)]).double()
+    return emb.cos().float(), (emb.sin() * sign).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + d/2]); cos/sin broadcast as [B or 1, 1, T, head_dim]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (x[i], x[i + d/2]) by the tables of ``rope_tables`` (``sin`` signed).
+
+    x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1] = roll(x, d/2)·[−1…, +1…].
+    cos/sin broadcast against x (e.g. [1, 1, T, d] for [B, H, T, d]).
+    """
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -90,12 +97,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # one matmul for q, k and v (the weights stay separate parameters, as in Llama/Qwen)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = F.linear(x, w).view(B, T, H + 2 * KV, hd)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [., T, 1, hd]: heads are dim 2 here
+        if self.q_norm is None:  # q and k are adjacent: rotate both in one pass
+            q, k = apply_rope(qkv[:, :, : H + KV], cos, sin).transpose(1, 2).split([H, KV], dim=1)
+        else:
+            q = apply_rope(self.q_norm(qkv[:, :, :H]), cos, sin).transpose(1, 2)
+            k = apply_rope(self.k_norm(qkv[:, :, H : H + KV]), cos, sin).transpose(1, 2)
+        v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
         gqa = cfg.n_kv_head != cfg.n_head
@@ -119,7 +131,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # one matmul for gate and up (separate parameters, as in Llama/Qwen)
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

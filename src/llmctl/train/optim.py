@@ -72,7 +72,11 @@ def build_optimizers(
         )
         opts.append(muon)
     if groups:
-        opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True))
+        # the fused kernel (CPU and CUDA) is one pass over each tensor: on CPU it is ~6x faster than
+        # foreach (which is slower than the plain loop there), a measurable share of a small model's step
+        devices = {p.device.type for g in groups for p in g["params"]}
+        impl = {"fused": True} if devices <= {"cpu", "cuda"} else {"foreach": True}
+        opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **impl))
     return opts
 
 
