@@ -67,7 +67,7 @@ def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
     args = ["pretrain", data["tokens"], "--out", run, *TINY, "--max-steps", "24", "--global-batch-tokens", "256",
             "--log-every", "4", "--eval-every", "8", "--eval-batches", "2", "--checkpoint-every", "8",
             "--keep-checkpoints", "2", "--schedule", "wsd", "--optimizer", "muon",
-            "--anneal-tokens", data["anneal"], "--anneal-fraction", "0.25"]
+            "--anneal-tokens", data["anneal"], "--anneal-fraction", "0.25", "--ffn-hidden", "88"]
     r = run_llmctl(*args, env=ENV)
     assert r.code == 0, r.err
     assert "parameters" in r.err and "MFLOPs/token" in r.err
@@ -90,6 +90,7 @@ def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
         assert s[k] is not None and s[k] > 0, k
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["d_model"] == 32 and cfg["model"]["vocab_size"] == 300
+    assert cfg["model"]["ffn_hidden"] == 88  # --ffn-hidden overrides SwiGLU's 8/3·d rounded to 64 (= 128 here)
     for k in ("lr", "schedule", "optimizer", "precision", "compile", "max_tokens", "time_budget", "anneal_fraction",
               "micro_batch", "global_batch_tokens", "seed", "grad_clip"):
         assert k in cfg["train"], k

@@ -33,6 +33,7 @@ def pretrain_cmd(
     n_head: Annotated[int | None, typer.Option("--n-head", help="Attention heads.", rich_help_panel=_D)] = None,
     n_kv_head: Annotated[int | None, typer.Option("--n-kv-head", help="Key/value heads (< n-head: grouped-query attention).", rich_help_panel=_D)] = None,
     d_model: Annotated[int | None, typer.Option("--d-model", help="Model width.", rich_help_panel=_D)] = None,
+    ffn_hidden: Annotated[int | None, typer.Option("--ffn-hidden", help="SwiGLU hidden width (default 8/3·d rounded up to a multiple of 64; 8/3·d matches a 4·d GELU MLP's parameters).", rich_help_panel=_D)] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Context length of training windows (default: the preset's).", rich_help_panel=_D)] = None,
     qk_norm: Annotated[bool | None, typer.Option("--qk-norm/--no-qk-norm", help="Per-head RMSNorm of queries and keys.", rich_help_panel=_D)] = None,
     tie_embeddings: Annotated[bool | None, typer.Option("--tie-embeddings/--untie-embeddings", help="Share input embedding and output head.", rich_help_panel=_D)] = None,
@@ -75,7 +76,7 @@ def pretrain_cmd(
 
     cfg = PretrainConfig(
         tokens=tokens, out=out, preset=preset, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-        d_model=d_model, seq_len=seq_len, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
+        d_model=d_model, ffn_hidden=ffn_hidden, seq_len=seq_len, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
         global_batch_tokens=global_batch_tokens, micro_batch=micro_batch, lr=lr, min_lr_ratio=min_lr_ratio,
         schedule=schedule, warmup_steps=warmup_steps, decay_fraction=decay_fraction, optimizer=optimizer,
         muon_lr=muon_lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_clip=grad_clip,

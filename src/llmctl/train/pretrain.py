@@ -60,6 +60,7 @@ class PretrainConfig(LoopConfig):
     n_head: int | None = None
     n_kv_head: int | None = None
     d_model: int | None = None
+    ffn_hidden: int | None = None  # None → SwiGLU's 8/3·d rounded up to a multiple of 64
     seq_len: int | None = None
     qk_norm: bool | None = None
     tie_embeddings: bool | None = None
@@ -76,7 +77,7 @@ class PretrainConfig(LoopConfig):
     def model_config(self, vocab_size: int) -> ModelConfig:
         over: dict[str, Any] = dict(
             n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head, d_model=self.d_model,
-            max_seq_len=self.seq_len, qk_norm=self.qk_norm, tie_embeddings=self.tie_embeddings,
+            ffn_hidden=self.ffn_hidden, max_seq_len=self.seq_len, qk_norm=self.qk_norm, tie_embeddings=self.tie_embeddings,
         )
         return from_preset(self.preset, vocab_size=vocab_size, **over)
 
