@@ -6,8 +6,11 @@ Generates a site of N linked article pages (scripts/sitegen.py), serves it on 12
 forked worker processes (threaded HTTP/1.1 http.server each, like a production server's workers),
 and crawls it completely with both tools, politeness off, each writing gzip WARC, alternating runs.
 Pages/s = HTTP responses in the tool's WARC / wall-clock seconds of the whole command, start-up
-included (median over runs). CPU ms/page (user + sys of the crawler process) is reported beside it:
-on a shared, loaded machine wall time is noisy and CPU time is not.
+included; the best and the median over the alternating runs are reported, and the ratio of the
+bests (on a shared machine the best run is the one least disturbed by other work). CPU ms/page
+(user + sys of the crawler process) is reported beside it, and so is the CPU the server spent per
+response during each tool's runs, so that one can see the server is neither starved nor the
+bottleneck. The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -45,14 +48,34 @@ def responses(paths: list[Path]) -> tuple[int, int]:
     return n, ok
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run ``cmd``; return (wall seconds, CPU seconds it used (user + sys), the result)."""
+def server_cpu() -> float:
+    """CPU seconds (user + sys) used so far by this process's live children: the server workers."""
+    pid = os.getpid()
+    total = 0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return float("nan")
+    for kid in kids:
+        try:
+            fields = Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """Run ``cmd``; return (wall seconds, CPU seconds it used (user + sys), CPU seconds the
+    server used meanwhile, the result)."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    s0 = server_cpu()
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, **kw)
     wall = time.perf_counter() - t
+    s1 = server_cpu()
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), res
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), s1 - s0, res
 
 
 def run_wget(base: str, work: Path) -> dict:
@@ -62,11 +85,11 @@ def run_wget(base: str, work: Path) -> dict:
         "--directory-prefix", str(work / "files"), "--warc-file", str(work / "wget"), "--no-warc-keep-log",
         f"{base}/",
     ]
-    wall, cpu, res = timed(cmd)
+    wall, cpu, server, res = timed(cmd)
     if res.returncode not in (0, 8):  # 8 = some server error responses (404s), not a failure here
         raise SystemExit(f"wget failed ({res.returncode}): {res.stderr[-500:]}")
     n, ok = responses(sorted(work.glob("*.warc.gz")))
-    return {"wall": wall, "cpu": cpu, "responses": n, "ok": ok}
+    return {"wall": wall, "cpu": cpu, "server_cpu": server, "responses": n, "ok": ok}
 
 
 def run_llmctl(base: str, work: Path, per_host: int, concurrency: int) -> dict:
@@ -76,18 +99,19 @@ def run_llmctl(base: str, work: Path, per_host: int, concurrency: int) -> dict:
         "--delay", "0", "--per-host", str(per_host), "--concurrency", str(concurrency),
         "--max-depth", "1000", "--max-pages", "0",
     ]
-    wall, cpu, res = timed(cmd, env={**os.environ, "LLMCTL_PROGRESS": "0"})
+    wall, cpu, server, res = timed(cmd, env={**os.environ, "LLMCTL_PROGRESS": "0"})
     if res.returncode != 0:
         raise SystemExit(f"llmctl crawl failed ({res.returncode}): {res.stderr[-800:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     n, ok = responses(sorted(out.glob("*.warc.gz")))  # robots.txt (a 404) is recorded, as wget's is
-    return {"wall": wall, "cpu": cpu, "responses": n, "ok": ok, "in_loop": manifest["stats"]["pages_per_second"]}
+    return {"wall": wall, "cpu": cpu, "server_cpu": server, "responses": n, "ok": ok,
+            "in_loop": manifest["stats"]["pages_per_second"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=2000)
-    ap.add_argument("--repeat", type=int, default=5, help="Runs of each tool, alternating; medians reported.")
+    ap.add_argument("--repeat", type=int, default=5, help="Runs of each tool, alternating; best and median reported.")
     ap.add_argument("--per-host", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--server-workers", type=int, default=2, help="Processes serving the site.")
@@ -107,6 +131,7 @@ def main() -> None:
 
 def bench(a: argparse.Namespace, latency_ms: float) -> dict:
     runs: dict[str, list[dict]] = {"wget": [], "llmctl": []}
+    load_before = os.getloadavg()[0]
     with (
         serve_processes(a.site, a.server_workers, latency=latency_ms / 1000) as base,
         tempfile.TemporaryDirectory(prefix="bench-crawl-") as tmp,
@@ -121,24 +146,29 @@ def bench(a: argparse.Namespace, latency_ms: float) -> dict:
     load = os.getloadavg()[0]
     print(f"\nsite: {a.pages} article pages + index, served from 127.0.0.1 by {a.server_workers} "
           f"http.server processes, {latency_ms:g} ms added per response; {a.repeat} alternating runs; "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'tool':<26}{'responses':>10}{'median s':>10}{'pages/s':>9}{'best p/s':>10}{'CPU ms/page':>13}")
+          f"load average {load_before:.2f} before, {load:.2f} after, on {os.cpu_count()} CPUs")
+    print(f"{'tool':<26}{'responses':>10}{'best s':>8}{'best p/s':>10}{'median p/s':>12}{'CPU ms/page':>13}"
+          f"{'server CPU ms/page':>20}")
     summary = {}
     for name, label in (("wget", "wget --recursive --warc"), ("llmctl", "llmctl crawl")):
         rs = runs[name]
         n = rs[0]["responses"]
         med = statistics.median(r["wall"] for r in rs)
         best = min(r["wall"] for r in rs)
-        cpu = statistics.median(r["cpu"] for r in rs) / n * 1e3
-        summary[name] = {"responses": n, "median_seconds": med, "pages_per_s": n / med, "best_pages_per_s": n / best,
-                         "cpu_ms_per_page": cpu, "runs": rs}
-        print(f"{label:<26}{n:>10}{med:>10.2f}{n / med:>9.1f}{n / best:>10.1f}{cpu:>13.2f}")
+        cpu = min(r["cpu"] for r in rs) / n * 1e3
+        server = statistics.median(r["server_cpu"] for r in rs) / n * 1e3
+        summary[name] = {"responses": n, "best_seconds": best, "median_seconds": med, "pages_per_s": n / med,
+                         "best_pages_per_s": n / best, "cpu_ms_per_page": cpu, "server_cpu_ms_per_page": server,
+                         "runs": rs}
+        print(f"{label:<26}{n:>10}{best:>8.2f}{n / best:>10.1f}{n / med:>12.1f}{cpu:>13.2f}{server:>20.2f}")
+    best_ratio = summary["llmctl"]["best_pages_per_s"] / summary["wget"]["best_pages_per_s"]
     ratio = summary["llmctl"]["pages_per_s"] / summary["wget"]["pages_per_s"]
     in_loop = statistics.median(r["in_loop"] for r in runs["llmctl"])
-    print(f"ratio llmctl / wget (median pages/s): {ratio:.2f}x; best-run ratio "
-          f"{summary['llmctl']['best_pages_per_s'] / summary['wget']['best_pages_per_s']:.2f}x; "
-          f"llmctl's rate inside the crawl loop (start-up excluded): {in_loop} pages/s")
-    return {"load": load, **summary, "ratio": ratio, "llmctl_in_loop_pages_per_s": in_loop}
+    print(f"ratio llmctl / wget: best run {best_ratio:.2f}x, median {ratio:.2f}x; CPU per page "
+          f"{summary['llmctl']['cpu_ms_per_page'] / summary['wget']['cpu_ms_per_page']:.2f}x wget's (least of each); "
+          f"llmctl's rate inside the crawl loop (start-up excluded, median): {in_loop} pages/s")
+    return {"load_before": load_before, "load_after": load, **summary, "best_ratio": best_ratio, "median_ratio": ratio,
+            "llmctl_in_loop_pages_per_s": in_loop}
 
 
 if __name__ == "__main__":
