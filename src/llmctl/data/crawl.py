@@ -570,8 +570,9 @@ class Crawler:
             elif 200 <= res.status < 300 and _mime(ctype) in HTML_TYPES:
                 links, nofollow = extract_links(res.body, url, ctype)
                 kept, off = [], Counter()
+                reason_out = self.scope.reason_out
                 for link in links:
-                    why = self.scope.reason_out(link)
+                    why = reason_out(link)
                     if why is None:
                         kept.append(link)
                     else:
@@ -584,8 +585,12 @@ class Crawler:
         self.store.record(entry, exchanges)
         self._inflight -= 1  # now counted in self.fetches instead
         self.absorb(entry, live=True)
+        d = self.depth[url] + 1
+        known = self.depth.get
         for link in entry.get("links", ()):
-            self.discover(link, self.depth[url] + 1)
+            old = known(link)
+            if old is None or old > d:  # (discover's own first test, saving a call for known pages)
+                self.discover(link, d)
         if entry.get("redirect"):
             self.discover(entry["redirect"], self.depth[url], self.hops.get(url, 0) + 1)
 

@@ -150,14 +150,16 @@ class Scope:
 
     def reason_out(self, url: str) -> str | None:
         """None if ``url`` (normalised) is in scope, otherwise the reason it is not."""
-        host = _origin_host(origin(url))
-        if self.mode == "host" and host not in self.hosts:
-            return "off-host"
-        if self.mode == "domain" and _registered_domain(host) not in self.domains:
+        i = url.find("/", url.find("//") + 2)
+        host = _origin_host(url if i < 0 else url[:i])
+        if self.mode == "host":
+            if host not in self.hosts:
+                return "off-host"
+        elif self.mode == "domain" and _registered_domain(host) not in self.domains:
             return "off-domain"
         if self.allow and not any(rx.search(url) for rx in self.allow):
             return "not-allowed"
-        if any(rx.search(url) for rx in self.deny):
+        if self.deny and any(rx.search(url) for rx in self.deny):
             return "denied"
         return None
 
