@@ -207,22 +207,44 @@ def part_side(args, work: Path) -> dict:
                    "train_seconds": s["train_seconds"], "load_avg_after": load_avg()}
     print("ours:", json.dumps(res["ours"]), flush=True)
 
-    # ours at nanoGPT's exact shape (L4 H4 d128, block 64, batch 12), speed only
-    shape = work / "shape"
-    shape_args = ["pretrain", tokens, "--out", shape, "--n-layer", "4", "--n-head", "4", "--d-model", "128",
-                  "--seq-len", "64", "--micro-batch", "12", "--max-steps", args.shape_steps, "--log-every", "10",
-                  "--precision", args.precision, "--device", "cpu", "--compile" if args.compile else "--no-compile"]
-    llmctl(*shape_args, env=env)
-    s2 = json.loads((shape / "manifest.json").read_text())["stats"]
-    res["ours_at_nanogpt_shape"] = {"command": "llmctl " + " ".join(map(str, shape_args)),
-                                    "tokens_per_s": s2["tokens_per_s"], "mfu": s2["mfu"], "vocab": args.vocab,
-                                    "load_avg_after": load_avg()}
-    print("ours at nanoGPT shape:", json.dumps(res["ours_at_nanogpt_shape"]), flush=True)
+    # ours at nanoGPT's exact shape (L4 H4 d128, block 64, batch 12), speed only: eager, then compiled.
+    # The SwiGLU width is parameter-matched to nanoGPT's 4·d GELU MLP (3·d·f = 8·d² → f = 8/3·d ≈ 344,
+    # the convention of the SwiGLU paper and Llama); our vocabulary (--vocab) stays: the head is the
+    # one FLOP difference left, and both models' MFU is reported by the same formula to show it.
+    from llmctl.model.config import ModelConfig
+    from llmctl.train.precision import cpu_peak
+
+    peak = cpu_peak("fp32")
+    ours_cfg = ModelConfig(vocab_size=args.vocab, n_layer=4, n_head=4, d_model=128, max_seq_len=64,
+                           ffn_hidden=args.shape_ffn)
+    ours_fpt = ours_cfg.flops_per_token()
+    # nanoGPT's GPT at the same dims: 4·d² attention + 8·d² MLP per layer, head 65 × d (its char vocab)
+    ng_fpt = 6.0 * (4 * (12 * 128 * 128) + 65 * 128) + 12.0 * 4 * 128 * 64
+    res["flops_per_token"] = {"ours": ours_fpt, "nanogpt": ng_fpt, "cpu_fp32_matmul_peak": peak}
+    shape_runs = {}
+    for comp in ([False, True] if args.shape_compile else [args.compile]):
+        shape = work / f"shape-{int(comp)}"
+        shape_args = ["pretrain", tokens, "--out", shape, "--n-layer", "4", "--n-head", "4", "--d-model", "128",
+                      "--ffn-hidden", args.shape_ffn, "--seq-len", "64", "--micro-batch", "12",
+                      "--max-steps", args.shape_steps, "--log-every", "10", "--precision", args.precision,
+                      "--device", "cpu", "--compile" if comp else "--no-compile"]
+        _, wall = llmctl(*shape_args, env=env)
+        s2 = json.loads((shape / "manifest.json").read_text())["stats"]
+        shape_runs["compiled" if comp else "eager"] = {
+            "command": "llmctl " + " ".join(map(str, shape_args)), "tokens_per_s": s2["tokens_per_s"],
+            "mfu": s2["mfu"], "wall_s": round(wall, 1), "vocab": args.vocab, "load_avg_after": load_avg()}
+        print("ours at nanoGPT shape:", json.dumps(shape_runs), flush=True)
+    res["ours_at_nanogpt_shape"] = shape_runs
+    if ng:
+        ng["mfu_same_formula"] = round(ng["tokens_per_s"] * ng_fpt / peak, 4)
+    best_shape = max(r["tokens_per_s"] for r in shape_runs.values())
 
     if ng:
         res["ratios"] = {
             "bpb_ours_over_nanogpt": round(res["ours"]["final_val_bpb"] / ng["full_val_bpb"], 3),
-            "tokens_per_s_same_shape_ours_over_nanogpt": round(s2["tokens_per_s"] / ng["tokens_per_s"], 3),
+            "tokens_per_s_same_shape_ours_over_nanogpt": round(best_shape / ng["tokens_per_s"], 3),
+            "tokens_per_s_same_shape_by_mode": {k: round(r["tokens_per_s"] / ng["tokens_per_s"], 3)
+                                                for k, r in shape_runs.items()},
             "bytes_per_s_ours_over_nanogpt": round(res["ours"]["bytes_per_s"] / ng["tokens_per_s"], 3),
         }
     return res
@@ -248,6 +270,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--shape-steps", type=int, default=60)
+    ap.add_argument("--shape-ffn", type=int, default=344, help="SwiGLU width at nanoGPT's shape (344 ≈ 8/3·128: its MLP's parameters)")
+    ap.add_argument("--shape-compile", action="store_true", help="measure the exact-shape speed eager AND compiled")
     ap.add_argument("--shape-max-steps", type=int, default=12)
     ap.add_argument("--shape-bf16-steps", type=int, default=3)
     ap.add_argument("--json", type=Path)
