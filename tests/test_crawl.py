@@ -546,3 +546,16 @@ def test_store_writes_the_bytes_warcio_would(tmp_path, monkeypatch):
                                                            "WARC-Truncated": "length"}))
     assert b"X-Odd: caf%C3%A9" in ours and b"X-Crawler-Content-Encoding: gzip" in ours
     assert ours == buf.getvalue()
+
+
+def test_record_ids_are_distinct_version_4_uuids():
+    import uuid
+
+    from llmctl.data.crawl_store import _record_id
+
+    ids = [_record_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for r in ids[:2000]:
+        assert r.startswith("<urn:uuid:") and r.endswith(">")
+        u = uuid.UUID(r[10:-1])
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == r[10:-1]

@@ -20,7 +20,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +64,20 @@ _EMPTY_SHA1 = _sha1(b"")
 GZIP_LEVEL = 6
 
 
+_random = bytearray()
+_random_lock = threading.Lock()
+
+
 def _record_id() -> str:
-    return f"<urn:uuid:{uuid.uuid4()}>"
+    """'<urn:uuid:…>' with a random (version 4) UUID, from urandom read 4 KiB at a time."""
+    with _random_lock:
+        if not _random:
+            _random.extend(os.urandom(4096))
+        n = int.from_bytes(_random[-16:], "big")
+        del _random[-16:]
+    n = (n & ~(0xF000 << 64) | (4 << 76)) & ~(0xC000 << 48) | (0x8000 << 48)  # version 4, RFC 4122 variant
+    h = f"{n:032x}"
+    return f"<urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}>"
 
 
 def _warc_head(headers: list[tuple[str, str]]) -> bytes:
@@ -92,12 +103,12 @@ def _gzip_member(*parts: bytes) -> bytes:
 
     The deflate window is sized to the record (zlib's default 32 KiB window and 128 KiB hash
     table cost more to set up than a few-KB page costs to compress; a window that holds the
-    whole record compresses it exactly as well)."""
-    n = sum(map(len, parts)) + 4
-    wbits = min(15, max(9, (n - 1).bit_length()))
+    whole record compresses it exactly as well). One compress call: each releases and retakes
+    the GIL, which the event loop thread is waiting for."""
+    data = b"".join((*parts, b"\r\n\r\n"))
+    wbits = min(15, max(9, (len(data) - 1).bit_length()))
     c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + wbits, 8 if wbits == 15 else 7)
-    out = [c.compress(p) for p in parts]
-    out.append(c.compress(b"\r\n\r\n"))
+    out = [c.compress(data)]
     out.append(c.flush())
     return b"".join(out)
 
