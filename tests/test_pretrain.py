@@ -228,3 +228,20 @@ def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
     (newer / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UsageError, match="newer llmctl"):
         run(_cfg(newer, tmp_path / "g", max_steps=1))
+
+
+def test_compile_on_cpu_trains_like_eager(data, tmp_path):
+    """--compile (torch.compile, inductor's C++ kernels on CPU) gives eager's loss curve up to rounding."""
+    curves = {}
+    for mode in ("--no-compile", "--compile"):
+        run = tmp_path / mode.strip("-")
+        r = run_llmctl("pretrain", data["tokens"], "--out", run, *TINY, "--max-steps", "6", "--log-every", "1",
+                       mode, env=ENV, timeout=600)
+        assert r.code == 0, r.err
+        curves[mode] = _losses(run)
+        assert json.loads((run / "config.json").read_text())["train"]["compile"] is (mode == "--compile")
+    eager, compiled = curves["--no-compile"], curves["--compile"]
+    assert sorted(eager) == sorted(compiled) == list(range(1, 7))
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=2e-4, abs=2e-4), step
+    assert eager[6] < eager[1]  # and it is learning
