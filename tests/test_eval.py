@@ -20,6 +20,7 @@ from llmctl.eval.multiple_choice import (
     context_ids,
     many_context_ids,
     one_token,
+    prefix_groups,
     reference_score,
     score_requests,
     split_pair,
@@ -96,6 +97,84 @@ def test_batched_shared_context_scoring_equals_one_by_one_uncached():
             assert [s.loglik for s in alone[k]] == pytest.approx([s.loglik for s in scores], abs=1e-5)
     with pytest.raises(ValueError):
         score_requests(m, [Request([1] * 40, [[2] * 10])])
+
+
+def _shared_prefix_requests(rng: random.Random, vocab: int, max_len: int) -> list[Request]:
+    """One-token requests whose contexts share prefixes the way a task's do: groups with a common
+    header of varying length (some also sharing a few-shot block), a context that is exactly
+    another's prefix, duplicates, one-token contexts, and loners that share nothing."""
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    def choices() -> list[list[int]]:
+        return [[rng.randrange(vocab)] for _ in range(rng.randint(1, 4))]
+
+    reqs = []
+    for _ in range(6):
+        header = toks(rng.randint(8, 20))
+        shots = toks(rng.randint(5, 15))
+        for _ in range(rng.randint(2, 6)):
+            body = (shots if rng.random() < 0.5 else []) + toks(rng.randint(1, 20))
+            reqs.append(Request((header + body)[:max_len], choices()))
+        reqs.append(Request(list(header), choices()))  # the bare header: the others' prefix itself
+    reqs += [Request(list(reqs[3].context), choices()), Request(list(reqs[3].context), choices())]  # duplicates
+    reqs += [Request(toks(1), choices()) for _ in range(3)]
+    reqs += [Request(toks(rng.randint(2, max_len)), choices()) for _ in range(8)]
+    rng.shuffle(reqs)
+    return reqs
+
+
+def test_prefix_groups_share_true_token_prefixes():
+    rng = random.Random(4)
+    ctxs = [r.context for r in _shared_prefix_requests(rng, 50, 60)]
+    groups = prefix_groups(ctxs, min_shared=8)
+    assert sorted(i for _, m in groups for i in m) == list(range(len(ctxs)))  # a partition
+    shared = [(p, m) for p, m in groups if p]
+    assert len(shared) >= 6 and sum(p * (len(m) - 1) for p, m in shared) > 100
+    for p, members in groups:
+        if p == 0:
+            continue
+        assert p >= 8 and len(members) >= 2
+        for i in members:  # the first p ids are every member's, and no member is only the prefix
+            assert ctxs[i][:p] == ctxs[members[0]][:p] and len(ctxs[i]) > p
+    # headers and a shared block: the longest common run is taken, never more, never a part token
+    a, b, c = [1] * 9 + [2, 3, 4], [1] * 9 + [2, 3, 5], [1] * 9 + [7]
+    assert prefix_groups([a, b]) == [(11, [0, 1])]
+    assert prefix_groups([a, b, c]) == [(9, [0, 1, 2])]  # 9 tokens × 2 saved ≥ 11 × 1
+    assert prefix_groups([a, a]) == [(11, [0, 1])]  # duplicates keep their last token to themselves
+    assert prefix_groups([[1] * 7 + [2], [1] * 7 + [3]]) == [(0, [0]), (0, [1])]  # under min_shared
+    assert prefix_groups([[5], [5]]) == [(0, [0]), (0, [1])]
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_one_token_scores_with_shared_prefixes_equal_uncached_reference(qk_norm, monkeypatch):
+    """Shared-prefix scoring (prefix keys and values computed once per group, in several store
+    rounds and batches) gives every request the scores of a plain uncached pass over it alone."""
+    import llmctl.eval.multiple_choice as mc
+
+    torch.manual_seed(2)
+    m = Transformer(ModelConfig(vocab_size=200, n_layer=3, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64,
+                                init_std=0.15, qk_norm=qk_norm)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    reqs = _shared_prefix_requests(random.Random(5), 200, 64)
+    assert all(one_token(r) for r in reqs)
+    # a store of about 40 prefix tokens: several rounds of groups
+    monkeypatch.setattr(mc, "PREFIX_STORE_ELEMENTS", 40 * 2 * 3 * 2 * 16)
+    done = []
+    got = score_requests(m, reqs, max_batch_tokens=70, on_done=done.append)
+    assert sum(done) == len(reqs) and len(done) > 4
+    for r, scores in zip(reqs, got, strict=True):
+        assert len(scores) == len(r.continuations)
+        for c, s in zip(r.continuations, scores, strict=True):
+            ref = reference_score(m, r.context, c)
+            assert abs(ref.loglik - s.loglik) < 1e-5 and ref.greedy == s.greedy and s.n_tokens == 1
+    # with no sharing at all (every context alone) the scores are the same too
+    monkeypatch.setattr(mc, "prefix_groups", lambda ctxs, min_shared=8: [(0, [i]) for i in range(len(ctxs))])
+    alone = score_requests(m, reqs)
+    assert [s.loglik for x in alone for s in x] == pytest.approx([s.loglik for x in got for s in x], abs=1e-5)
 
 
 def test_single_continuation_batches_equal_uncached_reference():

@@ -2,15 +2,18 @@
 
 A request is ``(context ids, [continuation ids, …])``: one context and the continuations that
 share it (the choices of one question, or a single continuation). Several requests are scored
-together, in batches of similar length (sorted, so padding is small):
+together, in batches:
 
-- when every continuation of every request in the batch is ONE token (MMLU's " A".." D", most
-  letter-answer tasks), the contexts are run once (unpadded except inside attention, see
-  :func:`last_hidden`) and the log-probabilities of all the choices are read from the logits at
-  each context's last position. One forward pass per question, no cache, no second pass.
-- otherwise the contexts are left-padded and run once, filling a KV cache; the cache rows are then
-  repeated once per continuation and every continuation of every request is run in a second
-  batch. Positions restart at each row's first real token and a boolean mask hides the padding.
+- when every continuation of a request is ONE token (MMLU's " A".." D", most letter-answer
+  tasks), its context is run once and the log-probabilities of all the choices are read from the
+  logits at its last position: one forward pass per question, no second pass. Contexts that begin
+  with the same tokens (a task's header, shared few-shot examples) share that prefix: it runs once
+  per group and its keys and values serve every member (:func:`prefix_groups`,
+  :func:`forward_rows`). These passes are unpadded (tokens end to end, attention row by row).
+- otherwise (batches of similar length, so padding is small) the contexts are left-padded and
+  run once, filling a KV cache; the cache rows are then repeated once per continuation and every
+  continuation of every request is run in a second batch. Positions restart at each row's first
+  real token and a boolean mask hides the padding.
 
 Either way a request's scores do not depend on its batch (checked against one-by-one, uncached
 scoring in the tests).
@@ -24,11 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import KVCache, Transformer, apply_rope
+from ..model.transformer import KVCache, RMSNorm, Transformer
 from ..tokenizer import Tokenizer
 
 
@@ -175,57 +179,225 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
     return out
 
 
+class _Layer(NamedTuple):
+    ln1: RMSNorm
+    wqkv: torch.Tensor  # q, k, v projections stacked; q and k rows in interleaved RoPE order
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    q_norm_w: torch.Tensor | None
+    k_norm_w: torch.Tensor | None
+    wo: torch.Tensor
+    ln2: RMSNorm
+    wgu: torch.Tensor  # gate and up projections stacked
+    wd: torch.Tensor
+
+
+class FastModel:
+    """A :class:`Transformer`'s weights arranged for scoring passes (same function, fewer ops).
+
+    - q, k and v are one matrix product, gate and up another;
+    - q and k come out with each head's dimensions interleaved (``i, i + hd/2`` side by side):
+      the half-split rotation is then one complex multiplication, and a dot product of two
+      vectors permuted alike is unchanged, so attention is the model's own;
+    - RMSNorm runs as torch's fused ``rms_norm`` in fp32.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        hd = cfg.head_dim
+        half = hd // 2
+        perm = torch.stack([torch.arange(half), torch.arange(half) + half], -1).flatten()
+
+        def heads(w: torch.Tensor, n: int) -> torch.Tensor:
+            return w.view(n, hd, -1)[:, perm].reshape(n * hd, -1)
+
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for blk in model.layers:
+                att, mlp = blk.self_attn, blk.mlp
+                self.layers.append(_Layer(
+                    blk.input_layernorm,
+                    torch.cat([heads(att.q_proj.weight, cfg.n_head), heads(att.k_proj.weight, cfg.n_kv_head),
+                               att.v_proj.weight]),
+                    att.q_norm, att.k_norm,
+                    None if att.q_norm is None else att.q_norm.weight[perm],
+                    None if att.k_norm is None else att.k_norm.weight[perm],
+                    att.o_proj.weight, blk.post_attention_layernorm,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
+            # cos(t·f_i), sin(t·f_i) [max_len, hd/2]: the tables' second halves (their first half's
+            # sin may carry the rotation's sign)
+            self.rot = torch.complex(model.rope_cos[:, half:], model.rope_sin[:, half:])
+
+    @staticmethod
+    def norm(x: torch.Tensor, mod: RMSNorm, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = mod.weight if weight is None else weight
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, mod.eps)
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + mod.eps)).to(x.dtype)
+
+    @staticmethod
+    def rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """x [N, heads, hd] (interleaved pairs) rotated by rot [N, 1, hd/2] (complex)."""
+        c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(c * rot).flatten(-2).to(x.dtype)
+
+
+class PrefixKV:
+    """Keys and values (after RoPE) of shared context prefixes, every layer: ``k[layer]`` is
+    [tokens, kv_heads, hd], the prefixes laid end to end; ``at[g]`` is where prefix g starts."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]
+        self.v: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]
+        self.at: list[int] = []
+        self.size = 0
+
+    def add(self, seqs: Sequence[Sequence[int]], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for n in map(len, seqs):
+            self.at.append(self.size)
+            self.size += n
+        for layer, (k, v) in enumerate(kv):
+            self.k[layer].append(k)
+            self.v[layer].append(v)
+
+    def freeze(self) -> None:
+        self.k = [[torch.cat(k)] if len(k) > 1 else k for k in self.k]
+        self.v = [[torch.cat(v)] if len(v) > 1 else v for v in self.v]
+
+
+def prefix_groups(contexts: Sequence[Sequence[int]], min_shared: int = 8) -> list[tuple[int, list[int]]]:
+    """Contexts grouped by a shared leading run of token ids: ``(p, members)``, where the first
+    ``p`` ids are the same in every member's context and ``p`` is shorter than each of them (the
+    last token of a context is always its own), or ``p = 0`` for a context that shares nothing
+    worth computing once (fewer than ``min_shared`` tokens).
+
+    Contexts are sorted by their ids, so ones with a common prefix are neighbours; a neighbour
+    joins the current group while it shares at least ``min_shared`` tokens with it and the tokens
+    saved (``p × (members − 1)``) do not drop. Working on ids, not text, a prefix is always a
+    true token prefix of every member (the text's tokenisation is never split differently).
+    """
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])
+    groups: list[tuple[int, list[int]]] = []
+    cur: list[int] = []
+    p = 0
+    for i in order:
+        c = contexts[i]
+        if cur:
+            first = contexts[cur[0]]
+            cap = min(p, len(c) - 1)
+            n = 0
+            while n < cap and first[n] == c[n]:
+                n += 1
+            if n >= min_shared and n * len(cur) >= p * (len(cur) - 1):
+                cur.append(i)
+                p = n
+                continue
+            groups.append((p if len(cur) > 1 else 0, cur))
+        cur, p = [i], len(c) - 1
+    if cur:
+        groups.append((p if len(cur) > 1 else 0, cur))
+    return groups
+
+
+def forward_rows(
+    fm: FastModel,
+    seqs: Sequence[Sequence[int]],
+    past: Sequence[tuple[int, int]] | None = None,
+    store: PrefixKV | None = None,
+    record: bool = False,
+) -> torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over rows of tokens, each optionally continuing a cached prefix.
+
+    ``seqs[i]`` are row i's tokens; ``past[i] = (g, p)`` says they follow the ``p`` tokens of
+    prefix ``g`` in ``store`` (``p = 0``: nothing before them). Returns the final hidden state
+    [B, d] at each row's last token, or with ``record`` the keys and values of every layer for
+    every token ([N, kv_heads, hd] each, rows end to end, as :class:`PrefixKV` stores them).
+
+    Nothing is padded: norms, projections, RoPE and MLPs run on the real tokens laid end to end
+    ([N, d]) and attention runs row by row on views of them (a row's keys are its prefix's, then
+    its own; query j of a row with a prefix of p sees keys up to p + j). In the last block only
+    keys and values are computed for every token; query, attention and MLP run at the one
+    position read.
+    """
+    model, cfg = fm.model, fm.cfg
+    dev = model.embed_tokens.weight.device
+    H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    B = len(seqs)
+    lens_l = [len(s) for s in seqs]
+    past_l = [p for _, p in past] if past else [0] * B
+    at_l = [store.at[g] if p else 0 for g, p in past] if past else [0] * B
+    starts = [0]
+    for n in lens_l:
+        starts.append(starts[-1] + n)
+    pos = torch.cat([torch.arange(p, p + n) for p, n in zip(past_l, lens_l, strict=True)])
+    ends = torch.tensor(starts[1:], device=dev) - 1
+    ids = torch.tensor([t for s in seqs for t in s], device=dev)
+    rot = fm.rot[pos.to(dev)][:, None]  # [N, 1, hd/2]
+    gqa = KV != H
+    N = len(ids)
+    masks = {}
+    for p, n in zip(past_l, lens_l, strict=True):
+        if p and (p, n) not in masks:
+            masks[p, n] = torch.ones(n, p + n, dtype=torch.bool, device=dev).tril(p)
+    x = model.embed_tokens(ids)  # [N, d]
+    recorded = []
+    n_layer = len(fm.layers)
+    sdpa = F.scaled_dot_product_attention
+    for i, L in enumerate(fm.layers):
+        last = i == n_layer - 1
+        qkv = F.linear(fm.norm(x, L.ln1), L.wqkv)
+        q = qkv[:, : H * hd].view(N, H, hd)
+        k = qkv[:, H * hd : (H + KV) * hd].view(N, KV, hd)
+        v = qkv[:, (H + KV) * hd :].view(N, KV, hd)
+        if last and not record:
+            q = q[ends]
+        if L.q_norm is not None:
+            q, k = fm.norm(q, L.q_norm, L.q_norm_w), fm.norm(k, L.k_norm, L.k_norm_w)
+        k = fm.rope(k, rot)
+        if record:
+            recorded.append((k, v.contiguous()))
+            if last:
+                return recorded
+        q = fm.rope(q, rot[ends] if last else rot)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [KV, N, hd]
+        if last:
+            y = q.new_empty(B, H, hd)
+        else:
+            y = q.new_empty(N, H, hd)
+            qt = q.transpose(0, 1)
+            yt = y.transpose(0, 1)  # [H, N, hd] view
+        if any(past_l):
+            assert store is not None
+            pk, pv = store.k[i][0].transpose(0, 1), store.v[i][0].transpose(0, 1)
+        for r in range(B):
+            a, b, p = starts[r], starts[r + 1], past_l[r]
+            K, V = kt[:, a:b], vt[:, a:b]
+            if p:
+                K = torch.cat([pk[:, at_l[r] : at_l[r] + p], K], 1)
+                V = torch.cat([pv[:, at_l[r] : at_l[r] + p], V], 1)
+            if last:
+                y[r] = sdpa(q[r][:, None], K, V, enable_gqa=gqa)[:, 0]
+            elif p:
+                yt[:, a:b] = sdpa(qt[:, a:b], K, V, attn_mask=masks[p, b - a], enable_gqa=gqa)
+            else:
+                yt[:, a:b] = sdpa(qt[:, a:b], K, V, is_causal=True, enable_gqa=gqa)
+        if last:
+            x = x[ends] + F.linear(y.view(B, H * hd), L.wo)
+        else:
+            x = x + F.linear(y.view(N, H * hd), L.wo)
+        gu = F.linear(fm.norm(x, L.ln2), L.wgu)
+        f = gu.shape[-1] // 2
+        x = x + F.linear(F.silu(gu[:, :f]) * gu[:, f:], L.wd)
+    return model.norm(x)
+
+
 def last_hidden(model: Transformer, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
     """Final hidden state [B, d] at the last token of each context; equal to
-    ``model.hidden([ctx])[0, -1]`` for each, computed with less work:
-
-    - unpadded: norms, projections, RoPE and MLPs run on the real tokens only, laid end to end
-      ([N, d]); only attention sees a padded [B, H, L, hd] layout (causal, so a row's padding,
-      which comes after its tokens, is never attended to);
-    - the last block computes keys and values for every token but its query, attention output
-      and MLP only at the one position that is read.
-    """
-    dev = model.embed_tokens.weight.device
-    cfg = model.cfg
-    H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    B, L = len(contexts), max(len(c) for c in contexts)
-    lens = torch.tensor([len(c) for c in contexts])
-    pos = torch.cat([torch.arange(n) for n in lens.tolist()]).to(dev)  # [N] position of each token
-    slot = (torch.repeat_interleave(torch.arange(B), lens) * L).to(dev) + pos  # [N] place in [B*L]
-    ends = (torch.cumsum(lens, 0) - 1).to(dev)  # [B] index of each row's last token in [N]
-    ids = torch.tensor([t for c in contexts for t in c], device=dev)
-    cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # [N, 1, hd]
-    gqa = KV != H
-
-    def padded(t: torch.Tensor, heads: int) -> torch.Tensor:  # [N, heads, hd] → [B, heads, L, hd]
-        out = t.new_zeros(B * L, heads, hd)
-        out[slot] = t
-        return out.view(B, L, heads, hd).transpose(1, 2)
-
-    x = model.embed_tokens(ids)  # [N, d]
-    for i, blk in enumerate(model.layers):
-        att = blk.self_attn
-        h = blk.input_layernorm(x)
-        last = i == len(model.layers) - 1
-        q = att.q_proj(h[ends] if last else h).view(-1, H, hd)
-        k = att.k_proj(h).view(-1, KV, hd)
-        v = att.v_proj(h).view(-1, KV, hd)
-        if att.q_norm is not None:
-            q, k = att.q_norm(q), att.k_norm(k)
-        k = apply_rope(k, cos, sin)
-        if not last:
-            q = apply_rope(q, cos, sin)
-            y = F.scaled_dot_product_attention(padded(q, H), padded(k, KV), padded(v, KV), is_causal=True, enable_gqa=gqa)
-            y = y.transpose(1, 2).reshape(B * L, H * hd)[slot]  # back to [N, H·hd]
-            x = x + att.o_proj(y)
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-        else:
-            q = apply_rope(q, cos[ends], sin[ends])[:, :, None]  # [B, H, 1, hd]
-            mask = (torch.arange(L, device=dev)[None] < lens.to(dev)[:, None])[:, None, None]  # [B, 1, 1, L]
-            y = F.scaled_dot_product_attention(q, padded(k, KV), padded(v, KV), attn_mask=mask, enable_gqa=gqa)
-            x = x[ends] + att.o_proj(y.reshape(B, H * hd))
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-    return model.norm(x)
+    ``model.hidden([ctx])[0, -1]`` for each (see :func:`forward_rows`)."""
+    with torch.inference_mode():
+        return forward_rows(FastModel(model), contexts)  # type: ignore[return-value]
 
 
 def _score_whole_sequences(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
@@ -254,19 +426,85 @@ def _score_whole_sequences(model: Transformer, requests: Sequence[Request]) -> l
     return out
 
 
-def _score_one_token(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
-    """Every continuation is one token: one pass over the contexts, the choices'
-    log-probabilities read from the last context position of each (no cache, no second pass)."""
-    dev = model.embed_tokens.weight.device
-    last = last_hidden(model, [r.context for r in requests])
-    logp = F.linear(last, model.output_weight()).float().log_softmax(-1)  # [B, V]
-    best = logp.argmax(-1).tolist()
-    owner = [i for i, r in enumerate(requests) for _ in r.continuations]
-    tgt = [c[0] for r in requests for c in r.continuations]
-    lp = logp[torch.tensor(owner, device=dev), torch.tensor(tgt, device=dev)].tolist()
+#: elements of cached prefix keys and values held at once (128 MiB in fp32); more prefixes are
+#: handled in rounds
+PREFIX_STORE_ELEMENTS = 1 << 25
+
+
+def _batches(sizes: Sequence[int], max_tokens: float, max_rows: int) -> list[list[int]]:
+    """Indices longest first, cut where a batch's tokens would pass ``max_tokens`` or its rows
+    ``max_rows`` (a longer row alone makes a batch of its own)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    out: list[list[int]] = []
+    held = 0
+    for i in order:
+        if out and len(out[-1]) < max_rows and held + sizes[i] <= max_tokens:
+            out[-1].append(i)
+            held += sizes[i]
+        else:
+            out.append([i])
+            held = sizes[i]
+    return out
+
+
+def _score_one_token(
+    model: Transformer,
+    requests: Sequence[Request],
+    max_batch_tokens: float = float("inf"),
+    max_batch_rows: int = 1 << 30,
+    on_done: Callable[[int], None] | None = None,
+    min_shared: int = 8,
+) -> list[list[Score]]:
+    """Every continuation is one token: one pass over each context, the choices'
+    log-probabilities read from its last position (no cache, no second pass).
+
+    Contexts that begin with the same tokens (a task's header, few-shot examples) share them:
+    the shared prefix of each group (:func:`prefix_groups`) runs once, its keys and values are
+    kept, and each context's remaining tokens run attending to them.
+    """
+    fm = FastModel(model)
+    cfg = model.cfg
+    W = model.output_weight()
+    contexts = [r.context for r in requests]
+    groups = prefix_groups(contexts, min_shared)
+    budget = max(1, PREFIX_STORE_ELEMENTS // (2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim))
     out: list[list[Score]] = [[] for _ in requests]
-    for i, t, ll in zip(owner, tgt, lp, strict=True):
-        out[i].append(Score(ll, best[i] == t, 1))
+    k = 0
+    while k < len(groups):  # rounds of groups whose prefixes fit the store
+        part, held = [groups[k]], groups[k][0]
+        k += 1
+        while k < len(groups) and held + groups[k][0] <= budget:
+            part.append(groups[k])
+            held += groups[k][0]
+            k += 1
+        store = PrefixKV(cfg.n_layer)
+        shared = [(p, m) for p, m in part if p]
+        pre = [contexts[m[0]][:p] for p, m in shared]
+        slot = [0] * len(shared)  # shared group → its index in the store
+        for batch in _batches([len(s) for s in pre], max_batch_tokens, max_batch_rows):
+            for b in batch:
+                slot[b] = len(store.at) + batch.index(b)
+            store.add([pre[b] for b in batch], forward_rows(fm, [pre[b] for b in batch], record=True))  # type: ignore[arg-type]
+        store.freeze()
+        past = {}  # request → (store index, prefix length)
+        for g, (p, members) in enumerate(shared):
+            for i in members:
+                past[i] = (slot[g], p)
+        todo = [i for _, m in part for i in m]
+        for batch in _batches([len(contexts[i]) - past.get(i, (0, 0))[1] for i in todo], max_batch_tokens,
+                              max_batch_rows):
+            idx = [todo[b] for b in batch]
+            pasts = [past.get(i, (0, 0)) for i in idx]
+            last = forward_rows(fm, [contexts[i][p:] for i, (_, p) in zip(idx, pasts, strict=True)], pasts, store)
+            logp = F.linear(last, W).float().log_softmax(-1)  # [B, V]
+            best = logp.argmax(-1).tolist()
+            owner = [b for b, i in enumerate(idx) for _ in requests[i].continuations]
+            tgt = [c[0] for i in idx for c in requests[i].continuations]
+            lp = logp[owner, tgt].tolist()
+            for b, t, ll in zip(owner, tgt, lp, strict=True):
+                out[idx[b]].append(Score(ll, best[b] == t, 1))
+            if on_done:
+                on_done(len(idx))
     return out
 
 
@@ -288,25 +526,26 @@ def score_requests(
             raise ValueError("a request needs a context and non-empty continuations")
         if request_length(r) > ctx_len:
             raise ValueError(f"request of {request_length(r)} tokens exceeds the context {ctx_len}")
-    # one-token requests first (they batch without a cache), each group longest first
-    single = [one_token(r) for r in requests]
-    order = sorted(range(len(requests)), key=lambda i: (not single[i], -request_length(requests[i])))
     results: list[list[Score] | None] = [None] * len(requests)
+    # one-token requests first: they share context prefixes and need no cache
+    single = [i for i, r in enumerate(requests) if one_token(r)]
+    if single:
+        with torch.inference_mode():
+            scores = _score_one_token(model, [requests[i] for i in single], max_batch_tokens, max_batch_rows, on_done)
+        for i, s in zip(single, scores, strict=True):
+            results[i] = s
+    order = sorted((i for i, r in enumerate(requests) if not one_token(r)), key=lambda i: -request_length(requests[i]))
     b = 0
     while b < len(order):
         # cost ≈ contexts × width (each context once) + continuations; rows bounds the cache copies
-        # (a one-token batch has no cache: its rows are the contexts alone)
         chunk = [order[b]]
-        kind = single[order[b]]
         width = request_length(requests[order[b]])  # the longest in this chunk
-        rows = 1 if kind else len(requests[order[b]].continuations)
+        rows = len(requests[order[b]].continuations)
         while b + len(chunk) < len(order):
-            j = order[b + len(chunk)]
-            nrows = 1 if kind else len(requests[j].continuations)
-            if (single[j] != kind or (len(chunk) + 1) * width > max_batch_tokens
-                    or rows + nrows > max_batch_rows):
+            nrows = len(requests[order[b + len(chunk)]].continuations)
+            if (len(chunk) + 1) * width > max_batch_tokens or rows + nrows > max_batch_rows:
                 break
-            chunk.append(j)
+            chunk.append(order[b + len(chunk)])
             rows += nrows
         for i, s in zip(chunk, score_batch(model, [requests[i] for i in chunk]), strict=True):
             results[i] = s
