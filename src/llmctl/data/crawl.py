@@ -33,6 +33,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -200,6 +201,14 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _settle(fut: asyncio.Future, entry: dict[str, Any] | None, exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(entry)
 
 
 def _mime(content_type: str) -> str:
@@ -430,10 +439,15 @@ class Crawler:
             host.task = None
             self._check_idle()
 
+    def _free_turn(self, host: _Host) -> None:
+        """The request is over (its response read): give back its host and global slots."""
+        host.slots.release()
+        self.global_slots.release()
+        if host.heap and host.task is None:
+            host.task = self.loop.create_task(self.host_loop(host))
+
     def _released(self, host: _Host):
         def done(t: asyncio.Task) -> None:
-            host.slots.release()
-            self.global_slots.release()
             self.pending -= 1
             if not t.cancelled() and t.exception() is not None:
                 self.failure = t.exception()
@@ -550,9 +564,13 @@ class Crawler:
 
     async def process(self, host: _Host, url: str) -> None:
         depth = self.depth[url]
-        res, retries = await self._fetch_with_retries(host, url, keep_any=False)
+        try:
+            res, retries = await self._fetch_with_retries(host, url, keep_any=False)
+        finally:
+            self._free_turn(host)  # before the links are extracted: the request is no longer in flight
         entry: dict[str, Any] = {"url": url, "depth": depth, "retries": retries}
         exchanges: list[Exchange] = []
+        prepare = None
         if isinstance(res, _Failure):
             if res.reason == "private-address":
                 entry.update(kind="refused", reason="private-address")
@@ -568,21 +586,13 @@ class Crawler:
             if res.status in REDIRECT_STATUSES and hdrs.get("location"):
                 self._redirect(entry, url, depth, hdrs["location"])
             elif 200 <= res.status < 300 and _mime(ctype) in HTML_TYPES:
-                links, nofollow = extract_links(res.body, url, ctype)
-                kept, off = [], Counter()
-                reason_out = self.scope.reason_out
-                for link in links:
-                    why = reason_out(link)
-                    if why is None:
-                        kept.append(link)
-                    else:
-                        off[why] += 1
-                entry["links"] = kept
-                if off:
-                    entry["offscope"] = dict(off)
-                if nofollow:
-                    entry["nofollow"] = True
-        self.store.record(entry, exchanges)
+                prepare = partial(self._links_of, res.body, url, ctype)
+        if prepare is None:
+            self.store.record(entry, exchanges)
+        else:  # links are extracted in the writer thread, beside this loop; wait for them
+            fut = self.loop.create_future()
+            self.store.record(entry, exchanges, prepare, partial(self.loop.call_soon_threadsafe, _settle, fut))
+            entry = await fut
         self._inflight -= 1  # now counted in self.fetches instead
         self.absorb(entry, live=True)
         d = self.depth[url] + 1
@@ -593,6 +603,24 @@ class Crawler:
                 self.discover(link, d)
         if entry.get("redirect"):
             self.discover(entry["redirect"], self.depth[url], self.hops.get(url, 0) + 1)
+
+    def _links_of(self, body: bytes, url: str, ctype: str) -> dict[str, Any]:
+        """The journal fields for an HTML page's outlinks (run in the WARC writer thread)."""
+        links, nofollow = extract_links(body, url, ctype)
+        kept, off = [], Counter()
+        reason_out = self.scope.reason_out
+        for link in links:
+            why = reason_out(link)
+            if why is None:
+                kept.append(link)
+            else:
+                off[why] += 1
+        out: dict[str, Any] = {"links": kept}
+        if off:
+            out["offscope"] = dict(off)
+        if nofollow:
+            out["nofollow"] = True
+        return out
 
     def _redirect(self, entry: dict[str, Any], url: str, depth: int, location: str) -> None:
         target = normalize_url(location, url)

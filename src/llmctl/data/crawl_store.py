@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,20 +240,31 @@ class WarcStore:
         self._pos = self._fh.seek(0, os.SEEK_END)
 
     # -- writing (the writer thread) -------------------------------------------------------------
-    def record(self, entry: dict[str, Any], exchanges: Sequence[Exchange] = ()) -> None:
+    def record(
+        self,
+        entry: dict[str, Any],
+        exchanges: Sequence[Exchange] = (),
+        prepare: Callable[[], dict[str, Any]] | None = None,
+        done: Callable[[dict[str, Any] | None, BaseException | None], None] | None = None,
+    ) -> None:
         """Queue the exchanges' WARC records and the journal line that accounts for them.
 
         A writer thread builds, digests and compresses the records (hashlib and zlib release the
         GIL, so this overlaps with the event loop), appends them to the open shard and only then
         appends the journal line, with the byte range, to the journal. Items are written in the
         order they were queued. ``entry`` is not modified and must not be modified afterwards.
+
+        ``prepare()``, if given, runs in the writer thread first and returns fields to add to the
+        entry (the crawler extracts a page's links there: lxml parses without the GIL). ``done``,
+        if given, is called in the writer thread once the line is written, with the entry as
+        journalled (``warc`` byte range included) or with the exception that stopped it.
         """
         if self._error is not None:
             raise self._error
         if self._thread is None:
             self._thread = threading.Thread(target=self._writer_main, name="warc-writer", daemon=True)
             self._thread.start()
-        self._queue.put((entry, tuple(exchanges)))
+        self._queue.put((entry, tuple(exchanges), prepare, done))
 
     def _writer_main(self) -> None:
         q = self._queue
@@ -265,16 +276,33 @@ class WarcStore:
                 except queue.Empty:
                     break
             stop = items[-1] is None
-            try:
-                self._write_items([it for it in items if it is not None])
-            except BaseException as e:  # disk full, permissions...: the crawl stops, resumable
-                self._error = StageError(f"{self.run.work}: cannot write the WARC or journal ({e}); free space and rerun")
-                stop = True
+            work = [it for it in items if it is not None]
+            results: list[tuple[Callable, dict[str, Any] | None, BaseException | None]] = []
+            if self._error is None:
+                try:
+                    results = self._write_items(work)
+                except BaseException as e:  # disk full, permissions...: the crawl stops, resumable
+                    self._error = StageError(
+                        f"{self.run.work}: cannot write the WARC or journal ({e}); free space and rerun"
+                    )
+            if self._error is not None:
+                results = [(it[3], None, self._error) for it in work if it[3] is not None]
+            for done, entry, exc in results:
+                with contextlib.suppress(Exception):  # the event loop may be gone (crawl failed)
+                    done(entry, exc)
             if stop:
                 return
 
-    def _write_items(self, items: list[tuple[dict[str, Any], tuple[Exchange, ...]]]) -> None:
-        for entry, exchanges in items:
+    def _write_items(self, items: list[tuple]) -> list[tuple[Callable, dict[str, Any] | None, BaseException | None]]:
+        results: list[tuple[Callable, dict[str, Any] | None, BaseException | None]] = []
+        for entry, exchanges, prepare, done in items:
+            if prepare is not None:
+                try:
+                    entry = {**entry, **prepare()}
+                except Exception as e:  # a bug: the crawl stops with it; nothing written for this URL
+                    if done is not None:
+                        results.append((done, None, e))
+                    continue
             if exchanges:
                 if self._fh is None:
                     self._open_shard()
@@ -285,9 +313,12 @@ class WarcStore:
                         self._pos += len(member)
                 entry = {**entry, "warc": [self._name, start, self._pos]}
             self._lines.append(json.dumps(entry, separators=(",", ":")).encode("utf-8") + b"\n")
+            if done is not None:
+                results.append((done, entry, None))
             if exchanges and self._pos >= self.shard_bytes:
                 self._commit_shard()
         self._flush()
+        return results
 
     def _flush(self) -> None:
         """Records first, then the journal lines naming them: a kill between the two writes
