@@ -280,6 +280,9 @@ class Crawler:
         self.session_pages = 0
         self.idle = asyncio.Event()
         self.global_slots = asyncio.Semaphore(cfg.concurrency)
+        # URLs being fetched or whose page waits for the writer thread (its links, its records):
+        # bounds the memory held by pages read faster than they are written
+        self.backlog = asyncio.Semaphore(max(64, 4 * cfg.concurrency))
         self.loop = asyncio.get_running_loop()
         self.http: HttpClient | None = None
         self.bar: Any = None
@@ -420,12 +423,14 @@ class Crawler:
                     self.pending -= len(host.heap)
                     host.heap.clear()
                     break
+                await self.backlog.acquire()
                 await host.slots.acquire()
                 await self._take_turn(host)
                 # while we waited, a shallower URL may have gone on top: it has not been checked
                 if not host.heap or host.heap[0][2] != url or not self._budget_left():
                     host.slots.release()
                     self.global_slots.release()
+                    self.backlog.release()
                     continue
                 d, _, url = heapq.heappop(host.heap)
                 self.started.add(url)
@@ -448,6 +453,7 @@ class Crawler:
 
     def _released(self, host: _Host):
         def done(t: asyncio.Task) -> None:
+            self.backlog.release()
             self.pending -= 1
             if not t.cancelled() and t.exception() is not None:
                 self.failure = t.exception()
