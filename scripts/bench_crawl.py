@@ -4,7 +4,9 @@
 
 Generates a site of N linked article pages (scripts/sitegen.py), serves it on 127.0.0.1 from
 forked worker processes (threaded HTTP/1.1 http.server each, like a production server's workers),
-and crawls it completely with both tools, politeness off, each writing gzip WARC, alternating runs.
+and crawls it completely with both tools, politeness off, each writing gzip WARC (one gzip member
+per record; wget compresses at zlib level 9, llmctl at 6, so its WARC is a little larger),
+alternating runs.
 Pages/s = HTTP responses in the tool's WARC / wall-clock seconds of the whole command, start-up
 included; the best and the median over the alternating runs are reported, and the ratio of the
 bests (on a shared machine the best run is the one least disturbed by other work). CPU ms/page
@@ -88,8 +90,10 @@ def run_wget(base: str, work: Path) -> dict:
     wall, cpu, server, res = timed(cmd)
     if res.returncode not in (0, 8):  # 8 = some server error responses (404s), not a failure here
         raise SystemExit(f"wget failed ({res.returncode}): {res.stderr[-500:]}")
-    n, ok = responses(sorted(work.glob("*.warc.gz")))
-    return {"wall": wall, "cpu": cpu, "server_cpu": server, "responses": n, "ok": ok}
+    warcs = sorted(work.glob("*.warc.gz"))
+    n, ok = responses(warcs)
+    return {"wall": wall, "cpu": cpu, "server_cpu": server, "responses": n, "ok": ok,
+            "warc_bytes": sum(p.stat().st_size for p in warcs)}
 
 
 def run_llmctl(base: str, work: Path, per_host: int, concurrency: int) -> dict:
@@ -103,9 +107,10 @@ def run_llmctl(base: str, work: Path, per_host: int, concurrency: int) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"llmctl crawl failed ({res.returncode}): {res.stderr[-800:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    n, ok = responses(sorted(out.glob("*.warc.gz")))  # robots.txt (a 404) is recorded, as wget's is
+    warcs = sorted(out.glob("*.warc.gz"))
+    n, ok = responses(warcs)  # robots.txt (a 404) is recorded, as wget's is
     return {"wall": wall, "cpu": cpu, "server_cpu": server, "responses": n, "ok": ok,
-            "in_loop": manifest["stats"]["pages_per_second"]}
+            "warc_bytes": sum(p.stat().st_size for p in warcs), "in_loop": manifest["stats"]["pages_per_second"]}
 
 
 def main() -> None:
@@ -148,7 +153,7 @@ def bench(a: argparse.Namespace, latency_ms: float) -> dict:
           f"http.server processes, {latency_ms:g} ms added per response; {a.repeat} alternating runs; "
           f"load average {load_before:.2f} before, {load:.2f} after, on {os.cpu_count()} CPUs")
     print(f"{'tool':<26}{'responses':>10}{'best s':>8}{'best p/s':>10}{'median p/s':>12}{'CPU ms/page':>13}"
-          f"{'server CPU ms/page':>20}")
+          f"{'server CPU ms/page':>20}{'WARC MB':>9}")
     summary = {}
     for name, label in (("wget", "wget --recursive --warc"), ("llmctl", "llmctl crawl")):
         rs = runs[name]
@@ -160,7 +165,8 @@ def bench(a: argparse.Namespace, latency_ms: float) -> dict:
         summary[name] = {"responses": n, "best_seconds": best, "median_seconds": med, "pages_per_s": n / med,
                          "best_pages_per_s": n / best, "cpu_ms_per_page": cpu, "server_cpu_ms_per_page": server,
                          "runs": rs}
-        print(f"{label:<26}{n:>10}{best:>8.2f}{n / best:>10.1f}{n / med:>12.1f}{cpu:>13.2f}{server:>20.2f}")
+        print(f"{label:<26}{n:>10}{best:>8.2f}{n / best:>10.1f}{n / med:>12.1f}{cpu:>13.2f}{server:>20.2f}"
+              f"{rs[0]['warc_bytes'] / 1e6:>9.2f}")
     best_ratio = summary["llmctl"]["best_pages_per_s"] / summary["wget"]["best_pages_per_s"]
     ratio = summary["llmctl"]["pages_per_s"] / summary["wget"]["pages_per_s"]
     in_loop = statistics.median(r["in_loop"] for r in runs["llmctl"])
