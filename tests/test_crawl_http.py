@@ -22,8 +22,8 @@ class RawServer:
     at the close, the connection is closed; ``drop_idle`` closes every connection after each
     answer without saying so (a keep-alive timeout on the server)."""
 
-    def __init__(self, routes: dict, drop_idle: bool = False):
-        self.routes, self.drop_idle = routes, drop_idle
+    def __init__(self, routes: dict, drop_idle: bool = False, tls=None):
+        self.routes, self.drop_idle, self.tls = routes, drop_idle, tls
         self.requests: list[bytes] = []
         self.connections = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -42,10 +42,19 @@ class RawServer:
 
     def _serve(self, conn):
         buf = b""
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ValueError):  # the client refused our certificate
+                conn.close()
+                return
         with conn:
             while True:
                 while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
                     if not data:
                         return
                     buf += data
@@ -191,5 +200,33 @@ def test_private_addresses_and_timeouts():
         with pytest.raises(FetchError) as e:
             fetch(HttpClient("t", allow_private=True, timeout=0.3), srv.base + "/slow")
         assert (e.value.reason, e.value.retryable) == ("timeout", True)
+    finally:
+        srv.close()
+
+
+def test_https_verifies_the_certificate(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = RawServer({"/": ok(b"secret")}, tls=server_ctx)
+    url = f"https://127.0.0.1:{srv.port}/"
+    try:
+        with pytest.raises(FetchError) as e:  # self-signed: not trusted by the system's CAs
+            fetch(HttpClient("t", allow_private=True), url)
+        assert (e.value.reason, e.value.retryable) == ("tls-error", False)
+        client = HttpClient("t", allow_private=True)
+        client._ssl = ssl.create_default_context(cafile=str(cert))  # trusting it, the page comes
+        resp, body, _ = fetch(client, url)
+        assert (resp.status, body) == (200, b"secret")
+        assert f"Host: 127.0.0.1:{srv.port}" in srv.requests[-1].decode()
     finally:
         srv.close()
