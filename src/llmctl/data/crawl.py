@@ -6,6 +6,12 @@ when the previous one to that origin started at least ``delay`` seconds earlier,
 the larger of ``--delay`` and robots.txt's Crawl-delay. Across origins only ``--concurrency``
 limits the number of requests in flight.
 
+Two threads share the work: the event loop thread does HTTP (crawl_http, a small keep-alive
+client) and the frontier; the WARC writer thread (crawl_store) extracts each HTML page's links
+(lxml parses without the GIL), builds, digests and compresses its records, writes them and then
+the journal line, and hands the links back to the loop. A request's slots are freed once its
+response is read; at most 4x ``--concurrency`` pages may be fetched but not yet written.
+
 Decisions worth knowing:
 
 - Redirects are not followed inside one request: a 3xx response is recorded (request and response
@@ -27,7 +33,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import heapq
 import re
 import time
@@ -196,6 +201,8 @@ def _retry_after(value: str | None) -> float | None:
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # an HTTP date: rare
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
