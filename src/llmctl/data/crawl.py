@@ -290,6 +290,7 @@ class Crawler:
         # URLs being fetched or whose page waits for the writer thread (its links, its records):
         # bounds the memory held by pages read faster than they are written
         self.backlog = asyncio.Semaphore(max(64, 4 * cfg.concurrency))
+        self.tasks: set[asyncio.Task] = set()  # process() of each URL under way
         self.loop = asyncio.get_running_loop()
         self.http: HttpClient | None = None
         self.bar: Any = None
@@ -443,6 +444,7 @@ class Crawler:
                 self.started.add(url)
                 self._inflight += 1
                 task = self.loop.create_task(self.process(host, url))
+                self.tasks.add(task)
                 task.add_done_callback(self._released(host))
         except Exception as e:  # a bug must stop the crawl, not hang it
             self.failure = e
@@ -460,6 +462,7 @@ class Crawler:
 
     def _released(self, host: _Host):
         def done(t: asyncio.Task) -> None:
+            self.tasks.discard(t)
             self.backlog.release()
             self.pending -= 1
             if not t.cancelled() and t.exception() is not None:
@@ -674,10 +677,11 @@ class Crawler:
                     self.discover(s, 0)
                 self._check_idle()
                 await self.idle.wait()
-                if self.failure is not None:
-                    for h in self.hosts.values():
-                        if h.task:
-                            h.task.cancel()
+                if self.failure is not None:  # stop everything, collecting what it raised
+                    tasks = [*self.tasks, *(h.task for h in self.hosts.values() if h.task)]
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
                     raise self.failure
             finally:
                 self.http.close()
