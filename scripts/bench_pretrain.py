@@ -14,13 +14,17 @@
     their context, summed nats / ln 2 / val bytes (nanoGPT's checkpoint is scored with its own
     model code, imported from the peer checkout). Tokens/s is counted the same way for both: the
     median over logged iterations of tokens per iteration / seconds per iteration. The speed
-    comparison "at nanoGPT's exact shape" runs our trainer with nanoGPT's dims, batch and context.
+    comparison "at nanoGPT's exact shape" runs our trainer with nanoGPT's dims, batch and context
+    (SwiGLU width parameter-matched to its MLP; eager, and with ``--shape-compile`` compiled, and with
+    ``--shape-ddp`` as ``torchrun`` data parallelism with one single-threaded process per core), and
+    reports both models' FLOPs/token and MFU by one formula against this CPU's measured fp32 peak.
 
 nanoGPT must be checked out (outside the repo) with its shakespeare_char data prepared:
 ``--nanogpt /work/peers/nanoGPT``. Nothing of it is imported into llmctl.
 
 Example:
     .venv/bin/python scripts/bench_pretrain.py --part all --json /tmp/bench_pretrain.json
+    .venv/bin/python scripts/bench_pretrain.py --part side --shape-compile --shape-ddp
 """
 
 from __future__ import annotations
@@ -234,6 +238,28 @@ def part_side(args, work: Path) -> dict:
             "command": "llmctl " + " ".join(map(str, shape_args)), "tokens_per_s": s2["tokens_per_s"],
             "mfu": s2["mfu"], "wall_s": round(wall, 1), "vocab": args.vocab, "load_avg_after": load_avg()}
         print("ours at nanoGPT shape:", json.dumps(shape_runs), flush=True)
+    if args.shape_ddp and args.threads > 1:
+        # the same global batch (12 windows of 64) as data parallelism over the cores: `torchrun` with
+        # one process per core and one thread each (gloo all-reduce), instead of intra-op threads
+        shape = work / "shape-ddp"
+        n = args.threads
+        if 12 % n:
+            raise SystemExit(f"--shape-ddp needs a thread count that divides nanoGPT's batch of 12, not {n}")
+        ddp_args = ["pretrain", tokens, "--out", shape, "--n-layer", "4", "--n-head", "4", "--d-model", "128",
+                    "--ffn-hidden", args.shape_ffn, "--seq-len", "64", "--micro-batch", 12 // n,
+                    "--global-batch-tokens", 12 * 64, "--max-steps", args.shape_steps, "--log-every", "10",
+                    "--precision", args.precision, "--device", "cpu", "--no-compile"]
+        code, out, wall = sh([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", n,
+                              "--master-port", "29561", "-m", "llmctl", *ddp_args],
+                             env={"OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0"})
+        if code != 0:
+            raise SystemExit(f"torchrun llmctl pretrain failed:\n{out[-3000:]}")
+        s3 = json.loads((shape / "manifest.json").read_text())["stats"]
+        shape_runs[f"ddp_{n}x1"] = {
+            "command": f"OMP_NUM_THREADS=1 torchrun --nproc-per-node {n} -m llmctl " + " ".join(map(str, ddp_args)),
+            "tokens_per_s": s3["tokens_per_s"], "mfu": s3["mfu"], "wall_s": round(wall, 1), "vocab": args.vocab,
+            "load_avg_after": load_avg()}
+        print("ours at nanoGPT shape:", json.dumps(shape_runs), flush=True)
     res["ours_at_nanogpt_shape"] = shape_runs
     if ng:
         ng["mfu_same_formula"] = round(ng["tokens_per_s"] * ng_fpt / peak, 4)
@@ -271,6 +297,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--shape-steps", type=int, default=60)
     ap.add_argument("--shape-ffn", type=int, default=344, help="SwiGLU width at nanoGPT's shape (344 ≈ 8/3·128: its MLP's parameters)")
+    ap.add_argument("--shape-ddp", action="store_true", help="also measure the exact shape as torchrun data parallelism, one process per thread")
     ap.add_argument("--shape-compile", action="store_true", help="measure the exact-shape speed eager AND compiled")
     ap.add_argument("--shape-max-steps", type=int, default=12)
     ap.add_argument("--shape-bf16-steps", type=int, default=3)
