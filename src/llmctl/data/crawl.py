@@ -36,6 +36,7 @@ import asyncio
 import heapq
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -292,6 +293,8 @@ class Crawler:
         # bounds the memory held by pages read faster than they are written
         self.backlog = asyncio.Semaphore(max(64, 4 * cfg.concurrency))
         self.tasks: set[asyncio.Task] = set()  # process() of each URL under way
+        self._settled: list[tuple[asyncio.Future, dict[str, Any] | None, BaseException | None]] = []
+        self._settled_lock = threading.Lock()
         self.loop = asyncio.get_running_loop()
         self.http: HttpClient | None = None
         self.bar: Any = None
@@ -324,7 +327,7 @@ class Crawler:
                 heapq.heappush(host.heap, (d, self.seq, u))
                 self.seq += 1
                 self.pending += 1
-                if host.task is None:
+                if host.task is None and self.failure is None:
                     host.task = self.loop.create_task(self.host_loop(host))
 
     def absorb(self, e: dict[str, Any], live: bool) -> None:
@@ -441,6 +444,11 @@ class Crawler:
                     self.global_slots.release()
                     self.backlog.release()
                     continue
+                if self.failure is not None:  # stopping: start nothing new
+                    host.slots.release()
+                    self.global_slots.release()
+                    self.backlog.release()
+                    break
                 d, _, url = heapq.heappop(host.heap)
                 self.started.add(url)
                 self._inflight += 1
@@ -458,7 +466,7 @@ class Crawler:
         """The request is over (its response read): give back its host and global slots."""
         host.slots.release()
         self.global_slots.release()
-        if host.heap and host.task is None:
+        if host.heap and host.task is None and self.failure is None:
             host.task = self.loop.create_task(self.host_loop(host))
 
     def _released(self, host: _Host):
@@ -469,7 +477,7 @@ class Crawler:
             if not t.cancelled() and t.exception() is not None:
                 self.failure = t.exception()
                 self.idle.set()
-            if host.heap and host.task is None:
+            if host.heap and host.task is None and self.failure is None:
                 host.task = self.loop.create_task(self.host_loop(host))
             self._check_idle()
 
@@ -608,7 +616,7 @@ class Crawler:
             self.store.record(entry, exchanges)
         else:  # links are extracted in the writer thread, beside this loop; wait for them
             fut = self.loop.create_future()
-            self.store.record(entry, exchanges, prepare, partial(self.loop.call_soon_threadsafe, _settle, fut))
+            self.store.record(entry, exchanges, prepare, partial(self._from_writer, fut))
             entry = await fut
         self._inflight -= 1  # now counted in self.fetches instead
         self.absorb(entry, live=True)
@@ -620,6 +628,20 @@ class Crawler:
                 self.discover(link, d)
         if entry.get("redirect"):
             self.discover(entry["redirect"], self.depth[url], self.hops.get(url, 0) + 1)
+
+    def _from_writer(self, fut: asyncio.Future, entry: dict[str, Any] | None, exc: BaseException | None) -> None:
+        """(writer thread) A page is written: hand its entry to the loop, one wake-up per batch."""
+        with self._settled_lock:
+            self._settled.append((fut, entry, exc))
+            first = len(self._settled) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._settle_all)
+
+    def _settle_all(self) -> None:
+        with self._settled_lock:
+            settled, self._settled = self._settled, []
+        for fut, entry, exc in settled:
+            _settle(fut, entry, exc)
 
     def _links_of(self, body: bytes, url: str, ctype: str) -> dict[str, Any]:
         """The journal fields for an HTML page's outlinks (run in the WARC writer thread)."""
