@@ -4,12 +4,13 @@ Both score the same exported transformers directory on the same prompts (lm-eval
 subject header, question, lettered options, "Answer:", choices " A".." D"); the script checks that
 they agree on accuracy and reports items/s for each and the ratio (target ≥ 2×), by wall time and
 by the CPU seconds of each process (steadier on a shared machine). Both run fp32 with the same
-torch thread count; llmctl is timed twice (before and after lm-eval, the better kept) and lm-eval
-once per batch size, its best batch size named. lm-eval's model loading is outside its timing;
-ours is inside (``run_eval`` loads the model), which only counts against us. lm-eval runs from its own venv (``--lmeval-venv``, default
-../peers/lmeval-venv) with a local task YAML, offline.
+torch thread count, in interleaved rounds (ours, then lm-eval at each batch size; ours once more
+at the end); the best run of each is kept and lm-eval's best batch size named. lm-eval's model
+loading is outside its timing; ours is inside (``run_eval`` loads the model), which only counts
+against us. lm-eval runs from its own venv (``--lmeval-venv``, default ../peers/lmeval-venv) with
+a local task YAML, offline.
 
-    .venv/bin/python scripts/bench_eval.py [--model EXPORTED_HF_DIR] [--threads 2] [--lmeval-batch-size 1 16 32 64]
+    .venv/bin/python scripts/bench_eval.py [--model EXPORTED_HF_DIR] [--threads 2] [--lmeval-batch-size 1 16 32 64] [--rounds 2]
 
 Without --model a small model is built: a BPE tokenizer trained on tinyshakespeare and a 4-layer,
 d=256 Llama with random weights (speed does not depend on the weights' values), exported with
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lmeval-venv", type=Path, default=ROOT.parent / "peers" / "lmeval-venv")
     ap.add_argument("--lmeval-batch-size", type=int, nargs="+", default=[1, 16, 32, 64])
+    ap.add_argument("--batch-tokens", type=int, default=0, help="llmctl eval --batch-tokens (default: its own)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (ours, then lm-eval at each batch size)")
     args = ap.parse_args()
     if not (SHARED / "eval" / "mmlu-dev").is_dir():
         sys.exit(f"{SHARED}/eval/mmlu-dev not found")
@@ -133,7 +136,8 @@ def main() -> None:
         def ours(k: int) -> tuple[float, float, dict]:
             t0, c0 = time.perf_counter(), time.process_time()
             run_eval(EvalConfig(model=str(hf), tasks=[f"mmlu:{SHARED / 'eval' / 'mmlu-dev'}"],
-                                out=str(work / f"ours{k}"), protocol="likelihood"))
+                                out=str(work / f"ours{k}"), protocol="likelihood",
+                                **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {})))
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             res = json.loads((work / f"ours{k}" / "results.json").read_text())
             acc = next(r for r in res["results"] if r["metric"] == "acc")
@@ -142,30 +146,41 @@ def main() -> None:
                   f"{cpu:6.2f} CPU s   acc {acc['value']:.4f}", flush=True)
             return wall, cpu, acc
 
-        runs = [ours(1)]
-
         py = args.lmeval_venv / "bin" / "python"
         if not py.is_file():
             print(f"lm-eval venv absent ({args.lmeval_venv}); no comparison")
+            ours(1)
             return
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HOME": str(work / "hf-home"), "TOKENIZERS_PARALLELISM": "false"}
-        theirs = {}
-        for bs in args.lmeval_batch_size:
+
+        def theirs(bs: int, ref_acc: float) -> dict:
             p = subprocess.run([str(py), "-c", LMEVAL_SCRIPT, str(hf), str(work / "yaml"), str(bs), str(args.threads)],
                                capture_output=True, text=True, env=env)
             if p.returncode:
                 sys.exit(p.stderr[-3000:])
-            r = theirs[bs] = json.loads(p.stdout.strip().splitlines()[-1])
-            agree = "agree" if abs(r["acc"] - runs[0][2]["value"]) < 1e-4 else "DISAGREE"
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            agree = "agree" if abs(r["acc"] - ref_acc) < 1e-4 else "DISAGREE"
             print(f"lm-eval (bs {bs:>3})   : {n} items in {r['seconds']:6.2f} s = {n / r['seconds']:7.1f} items/s, "
                   f"{r['cpu']:6.2f} CPU s   acc {r['acc']:.4f} ({agree})", flush=True)
-        runs.append(ours(2))
+            return r
+
+        print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
+        runs, their = [], {bs: [] for bs in args.lmeval_batch_size}
+        for k in range(1, args.rounds + 1):  # interleaved: each round runs ours, then lm-eval at each batch size
+            runs.append(ours(k))
+            for bs in args.lmeval_batch_size:
+                their[bs].append(theirs(bs, runs[0][2]["value"]))
+        runs.append(ours(args.rounds + 1))
+        print(f"load average at end: {os.getloadavg()[0]:.2f}")
         wall, cpu = min(x[0] for x in runs), min(x[1] for x in runs)
-        for bs, r in theirs.items():
-            best = " (lm-eval's best)" if r["seconds"] == min(x["seconds"] for x in theirs.values()) else ""
-            print(f"llmctl / lm-eval bs {bs:>3}: {r['seconds'] / wall:5.2f}x by wall time, "
-                  f"{r['cpu'] / cpu:5.2f}x by CPU seconds{best}")
+        best_bs = min(their, key=lambda bs: min(r["seconds"] for r in their[bs]))
+        print(f"best of {len(runs)} llmctl runs: {n / wall:.1f} items/s ({wall:.2f} s, {cpu:.2f} CPU s)")
+        for bs, rs in their.items():
+            tw, tc = min(r["seconds"] for r in rs), min(r["cpu"] for r in rs)
+            best = " (lm-eval's best)" if bs == best_bs else ""
+            print(f"llmctl / lm-eval bs {bs:>3} (best of {len(rs)}: {n / tw:.1f} items/s): {tw / wall:5.2f}x by wall time, "
+                  f"{tc / cpu:5.2f}x by CPU seconds{best}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -39,7 +39,7 @@ def eval_cmd(
     ] = None,
     ngram: Annotated[int, typer.Option("--ngram", min=1, help="n of the contamination n-grams (words).")] = 13,
     decontaminate: Annotated[bool, typer.Option("--decontaminate", help="Score only the items without overlap.")] = False,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Tokens per scoring batch (questions × longest question).")] = 16384,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Tokens per scoring batch (questions × longest question; one-token choices: at most 2048).")] = 16384,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads; 0 = torch's default.")] = 0,
     force: ForceOpt = False,
