@@ -6,10 +6,11 @@ when the previous one to that origin started at least ``delay`` seconds earlier,
 the larger of ``--delay`` and robots.txt's Crawl-delay. Across origins only ``--concurrency``
 limits the number of requests in flight.
 
-Two threads share the work: the event loop thread does HTTP (crawl_http, a small keep-alive
-client) and the frontier; the WARC writer thread (crawl_store) extracts each HTML page's links
-(lxml parses without the GIL), builds, digests and compresses its records, writes them and then
-the journal line, and hands the links back to the loop. A request's slots are freed once its
+The work is split three ways: the event loop thread does HTTP (crawl_http, a small keep-alive
+client) and the frontier; a builder process extracts each HTML page's links and builds, digests
+and compresses its WARC records; the writer thread (crawl_store) ships pages to the builder in
+batches, writes the records and then the journal lines, and hands the links back to the loop.
+The loop thread so has the GIL nearly to itself. A request's slots are freed once its
 response is read; at most 4x ``--concurrency`` pages may be fetched but not yet written.
 
 Decisions worth knowing:
@@ -210,6 +211,26 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def links_fields(body: bytes, url: str, ctype: str, scope: Scope) -> dict[str, Any]:
+    """The journal fields for an HTML page's outlinks: kept links, out-of-scope counts, nofollow.
+    (Runs in the WARC builder process, or the writer thread.)"""
+    links, nofollow = extract_links(body, url, ctype)
+    kept, off = [], Counter()
+    reason_out = scope.reason_out
+    for link in links:
+        why = reason_out(link)
+        if why is None:
+            kept.append(link)
+        else:
+            off[why] += 1
+    out: dict[str, Any] = {"links": kept}
+    if off:
+        out["offscope"] = dict(off)
+    if nofollow:
+        out["nofollow"] = True
+    return out
 
 
 def _settle(fut: asyncio.Future, entry: dict[str, Any] | None, exc: BaseException | None) -> None:
@@ -611,7 +632,7 @@ class Crawler:
             if res.status in REDIRECT_STATUSES and hdrs.get("location"):
                 self._redirect(entry, url, depth, hdrs["location"])
             elif 200 <= res.status < 300 and _mime(ctype) in HTML_TYPES:
-                prepare = partial(self._links_of, res.body, url, ctype)
+                prepare = partial(links_fields, res.body, url, ctype, self.scope)
         if prepare is None:
             self.store.record(entry, exchanges)
         else:  # links are extracted in the writer thread, beside this loop; wait for them
@@ -642,24 +663,6 @@ class Crawler:
             settled, self._settled = self._settled, []
         for fut, entry, exc in settled:
             _settle(fut, entry, exc)
-
-    def _links_of(self, body: bytes, url: str, ctype: str) -> dict[str, Any]:
-        """The journal fields for an HTML page's outlinks (run in the WARC writer thread)."""
-        links, nofollow = extract_links(body, url, ctype)
-        kept, off = [], Counter()
-        reason_out = self.scope.reason_out
-        for link in links:
-            why = reason_out(link)
-            if why is None:
-                kept.append(link)
-            else:
-                off[why] += 1
-        out: dict[str, Any] = {"links": kept}
-        if off:
-            out["offscope"] = dict(off)
-        if nofollow:
-            out["nofollow"] = True
-        return out
 
     def _redirect(self, entry: dict[str, Any], url: str, depth: int, location: str) -> None:
         target = normalize_url(location, url)
@@ -732,6 +735,7 @@ def run(cfg: CrawlConfig) -> dict[str, Any]:
     }
     store = WarcStore(stage, int(cfg.warc_size_mb * 1024 * 1024), info)
     replayed = store.replay() if stage.resumed else []
+    store.start_builder()  # (forks: before any thread starts)
     if stage.resumed:
         console.print(f"resuming: {sum(1 for e in replayed if 'url' in e and e['kind'] != 'robots'):,} URLs already done")
     t0 = time.perf_counter()
