@@ -7,8 +7,13 @@ the open shard back to the end of the last journalled record (so a record half-w
 is discarded and a fetched-but-unjournalled page is simply fetched again) and drops a torn last
 journal line. Shards rotate at a size limit and are committed by an atomic rename; each starts with
 a warcinfo record and holds one record per gzip member, the bytes warcio's ``WARCWriter`` would
-write (a test compares them), built, digested and compressed by a writer thread so that zlib and
-hashlib, which release the GIL, run beside the event loop.
+write (a test compares them).
+
+Off the event loop: ``record()`` only queues. A writer thread takes what is queued in batches,
+has the records built, digested and compressed (and the crawler's ``prepare``, its link
+extraction, run) by a forked builder process when ``start_builder()`` was called, in the thread
+itself otherwise, then writes each batch with one write per file: records first, journal lines
+after. The builder dies with the crawl (kill -9 included); if it is lost the thread carries on.
 """
 
 from __future__ import annotations
