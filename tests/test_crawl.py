@@ -623,3 +623,46 @@ def test_fast_crawl_rotating_often_keeps_each_file_consistent(tmp_path):
         urls += [r.rec_headers.get_header("WARC-Target-URI") for r in recs if r.rec_type == "response"]
     assert sorted(urls) == sorted({s.base + "/", *(f"{s.base}/p{i}.html" for i in range(n))})
     assert warcio_check(out).returncode == 0
+
+
+def test_losing_the_builder_process_falls_back_to_the_writer_thread(tmp_path, monkeypatch):
+    """The builder process dying mid-crawl (here: at its third page) costs nothing: the writer
+    thread builds that batch and the rest itself; every page is in the WARC once."""
+    from llmctl.data import crawl_store as cs
+
+    members = cs._exchange_members
+    parent, calls = os.getpid(), {"n": 0}
+
+    def dies(ex, warcinfo_id):  # (inherited by the builder process, forked after this patch)
+        if os.getpid() != parent:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os._exit(1)
+        return members(ex, warcinfo_id)
+
+    monkeypatch.setattr(cs, "_exchange_members", dies)
+    lost = []
+    shutdown = cs.WarcStore._prebuild
+
+    def watch(self, items):
+        had = self._pool is not None
+        out = shutdown(self, items)
+        if had and self._pool is None:
+            lost.append(len(items))
+        return out
+
+    monkeypatch.setattr(cs.WarcStore, "_prebuild", watch)
+    n = 40
+    routes = {"/": (200, HTML, page(*(f"/p{i}.html" for i in range(n))))}
+    routes.update({f"/p{i}.html": (200, HTML, page("/", text="y" * 500)) for i in range(n)})
+    s = Site(routes)
+    try:
+        out = tmp_path / "crawl"
+        m = run(CrawlConfig(seeds=[s.base + "/"], out=out, allow_private=True, delay=0.0, robots=False, per_host=1))
+    finally:
+        s.close()
+    assert len(lost) == 1  # the builder was used, then lost once
+    rows = read_warcs(out)
+    assert m["stats"]["pages"] == n + 1
+    assert sorted(r[1] for r in rows if r[0] == "response") == sorted([s.base + "/", *(f"{s.base}/p{i}.html" for i in range(n))])
+    assert warcio_check(out).returncode == 0
