@@ -161,8 +161,9 @@ def test_one_token_scores_with_shared_prefixes_equal_uncached_reference(qk_norm,
                 p.add_(0.2 * torch.randn_like(p))
     reqs = _shared_prefix_requests(random.Random(5), 200, 64)
     assert all(one_token(r) for r in reqs)
-    # a store of about 40 prefix tokens: several rounds of groups
+    # a store of about 40 prefix tokens: several rounds of groups; attention in blocks of 7 queries
     monkeypatch.setattr(mc, "PREFIX_STORE_ELEMENTS", 40 * 2 * 3 * 2 * 16)
+    monkeypatch.setattr(mc, "ATTN_BLOCK", 7)
     done = []
     got = score_requests(m, reqs, max_batch_tokens=70, on_done=done.append)
     assert sum(done) == len(reqs) and len(done) > 4
