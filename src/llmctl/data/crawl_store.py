@@ -202,6 +202,24 @@ def _build_batch(work: list[tuple[tuple[Exchange, ...], Callable | None]], warci
     return out
 
 
+def _builder_loop(conn: Any) -> None:
+    """(builder process) Batches in, (ok, members and fields | the exception) out, until EOF."""
+    while True:
+        try:
+            work, warcinfo_id = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        try:
+            out: tuple = (True, _build_batch(work, warcinfo_id))
+        except Exception as e:
+            out = (False, e)
+        try:
+            data = pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            data = pickle.dumps((False, RuntimeError(f"builder: {e!r}")))
+        conn.send_bytes(data)
+
+
 def _builder_init() -> None:
     """(builder process) Forget the parent's random bytes (record ids must not repeat) and die
     with the parent, so a kill -9 of the crawl leaves no process behind."""
@@ -235,20 +253,41 @@ class WarcStore:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._pool: Any = None  # a builder process (see start_builder)
+        self._pool: Any = None  # (pid, pipe) of the builder process, see start_builder
 
     def start_builder(self) -> None:
         """Build records and run ``prepare`` in a forked builder process instead of the writer
         thread: the GIL then serves the event loop alone. Call it while this is the process's
-        only thread; without it (or if no process can be started) all runs in the writer thread."""
+        only thread; without it (or if no process can be started) all runs in the writer thread.
+        The two talk over one pipe, a batch each way at a time."""
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         try:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=_builder_init)
-            self._pool.submit(int).result()  # start it now, from this thread
-        except (OSError, ValueError, ImportError, RuntimeError):
-            self._pool = None
+            ours, theirs = multiprocessing.Pipe()
+            pid = os.fork()
+        except OSError:
+            return
+        if pid == 0:  # the builder: never returns into the caller's code
+            code = 0
+            try:
+                ours.close()
+                _builder_init()
+                _builder_loop(theirs)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self._pool = (pid, ours)
+
+    def _stop_builder(self) -> None:
+        if self._pool is None:
+            return
+        pid, conn = self._pool
+        self._pool = None
+        conn.close()  # the builder sees the end of its input and exits
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
 
     # -- resume ---------------------------------------------------------------------------------
     def replay(self) -> list[dict[str, Any]]:
@@ -378,16 +417,16 @@ class WarcStore:
         if self._fh is None and any(it[1] for it in items):
             self._open_shard()
         wid = self._warcinfo_id
+        conn = self._pool[1]
         try:
-            return self._pool.submit(_build_batch, [(it[1], it[2]) for it in items], wid).result(), wid
-        except Exception as e:
-            from concurrent.futures.process import BrokenProcessPool
-
-            if not isinstance(e, BrokenProcessPool | pickle.PicklingError | AttributeError | TypeError):
-                raise
-            self._pool.shutdown(wait=False, cancel_futures=True)  # lost or unusable: carry on here
-            self._pool = None
+            conn.send_bytes(pickle.dumps(([(it[1], it[2]) for it in items], wid), pickle.HIGHEST_PROTOCOL))
+            ok, result = pickle.loads(conn.recv_bytes())
+        except (OSError, EOFError, pickle.PicklingError, AttributeError, TypeError):
+            self._stop_builder()  # lost, or something it cannot take: carry on in this thread
             return None, None
+        if not ok:
+            raise result
+        return result, wid
 
     def _write_items(self, items: list[tuple]) -> list[tuple[Callable, dict[str, Any] | None, BaseException | None]]:
         results: list[tuple[Callable, dict[str, Any] | None, BaseException | None]] = []
@@ -480,9 +519,7 @@ class WarcStore:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._stop_builder()
 
     def close(self) -> list[str]:
         """Write what is queued, commit the open shard and sync the journal; return the shard names."""
