@@ -265,7 +265,7 @@ class WarcStore:
         try:
             ours, theirs = multiprocessing.Pipe()
             pid = os.fork()
-        except OSError:
+        except (OSError, AttributeError):  # no fork here (Windows): the writer thread does it all
             return
         if pid == 0:  # the builder: never returns into the caller's code
             code = 0
