@@ -331,9 +331,10 @@ def forward_rows(
 
     Nothing is padded: norms, projections, RoPE and MLPs run on the real tokens laid end to end
     ([N, d]) and attention runs row by row on views of them (a row's keys are its prefix's, then
-    its own; query j of a row with a prefix of p sees keys up to p + j). In the last block only
-    keys and values are computed for every token; query, attention and MLP run at the one
-    position read.
+    its own; query j of a row with a prefix of p sees keys up to p + j), in blocks of
+    ``ATTN_BLOCK`` queries that skip the keys after their last query. The first block's q, k, v
+    are computed once per distinct token id. In the last block only keys and values are computed
+    for every token; query, attention and MLP run at the one position read.
     """
     model, cfg = fm.model, fm.cfg
     dev = model.embed_tokens.weight.device
@@ -365,11 +366,15 @@ def forward_rows(
     keep = torch.ones(Ls, P + Ls, dtype=torch.bool, device=dev).tril(P)
     mask = torch.zeros(keep.shape, dtype=model.embed_tokens.weight.dtype, device=dev).masked_fill_(~keep, float("-inf"))
     x = model.embed_tokens(ids)  # [N, d]
+    uniq, inv = torch.unique(ids, return_inverse=True)
     recorded = []
     n_layer = len(fm.layers)
     for i, L in enumerate(fm.layers):
         last = i == n_layer - 1
-        qkv = F.linear(fm.norm(x, L.ln1), L.wqkv)
+        if i == 0 and len(uniq) < 0.8 * N:  # the first q, k, v depend on the token id alone
+            qkv = F.linear(fm.norm(model.embed_tokens(uniq), L.ln1), L.wqkv)[inv]
+        else:
+            qkv = F.linear(fm.norm(x, L.ln1), L.wqkv)
         q = qkv[:, : H * hd].view(N, H, hd)
         k = qkv[:, H * hd : (H + KV) * hd].view(N, KV, hd)
         v = qkv[:, (H + KV) * hd :].view(N, KV, hd)
