@@ -420,13 +420,6 @@ def forward_rows(
     return model.norm(x)
 
 
-def last_hidden(model: Transformer, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Final hidden state [B, d] at the last token of each context; equal to
-    ``model.hidden([ctx])[0, -1]`` for each (see :func:`forward_rows`)."""
-    with torch.inference_mode():
-        return forward_rows(FastModel(model), contexts)  # type: ignore[return-value]
-
-
 def _score_whole_sequences(model: Transformer, requests: Sequence[Request]) -> list[list[Score]]:
     """Requests with one continuation each (rolling perplexity windows, LAMBADA's last word).
 
