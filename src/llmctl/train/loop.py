@@ -228,6 +228,16 @@ class Trainer:
             betas=(config.beta1, config.beta2),
             muon_lr=config.muon_lr,
         )
+        if config.optimizer == "muon" and self.device.type == "cpu" and self.dist.is_main:
+            from .precision import cpu_peak
+
+            bf16, fp32 = cpu_peak("bf16"), cpu_peak("fp32")
+            if bf16 < fp32:  # torch.optim.Muon's Newton-Schulz iterations run in bf16
+                console.print(
+                    f"[yellow]warning:[/] --optimizer muon orthogonalises in bf16, which this CPU runs at "
+                    f"{bf16 / 1e9:.1f} GFLOP/s (fp32 {fp32 / 1e9:.0f}): steps will be slow; --optimizer adamw is "
+                    "faster here"
+                )
         self.scaler = make_scaler(self.device, self.precision)
         self.fwd_model: nn.Module = self.model
         if self.dist.enabled:
