@@ -152,3 +152,14 @@ def test_memory_estimate_counts_adam_states_and_refuses_what_does_not_fit():
     check_memory(est, available=10 * est["total"])
     with pytest.raises(UsageError, match="GiB to train"):
         check_memory(est, available=est["total"] // 2)
+
+
+def test_cpu_mfu_peak_of_a_slow_precision_is_never_below_fp32():
+    """MFU's denominator: bf16 on a CPU without bf16 units is rated at the fp32 ceiling, so MFU ≤ 1."""
+    from llmctl.train.precision import cpu_peak, peak_flops
+
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "fp32") == cpu_peak("fp32") > 1e9
+    for slow in ("bf16", "fp16"):
+        assert peak_flops(cpu, slow) >= peak_flops(cpu, "fp32")
+        assert peak_flops(cpu, slow) >= cpu_peak(slow)

@@ -126,7 +126,11 @@ def peak_flops(device: torch.device, precision: str) -> float:
             if sub in name:
                 return peaks[precision]
         return 0.0
-    return cpu_peak(precision)
+    if precision == "fp32":
+        return cpu_peak("fp32")
+    # a CPU without bf16/fp16 units runs those matmuls far below its fp32 rate (and below the rate
+    # a model's mixed small matmuls reach): its ceiling is still the fp32 peak, so MFU stays ≤ 1
+    return max(cpu_peak(precision), cpu_peak("fp32"))
 
 
 def autocast(device: torch.device, precision: str):
