@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import KVCache, RMSNorm, Transformer
+from ..model.transformer import RMSNorm, Transformer, rms_norm
 from ..tokenizer import Tokenizer
 
 
@@ -153,10 +153,7 @@ def score_batch(model: Transformer, requests: Sequence[Request]) -> list[list[Sc
     for j, c in enumerate(conts):
         tgt[j, : len(c)] = torch.tensor(c, device=dev)
     if lt > 1:
-        rows = KVCache.__new__(KVCache)
-        rows.k = [k.index_select(0, owner) for k in cache.k]
-        rows.v = [v.index_select(0, owner) for v in cache.v]
-        rows.max_len, rows.pos = cache.max_len, cache.pos
+        rows = cache.select_rows(owner)
         rpad = pad[owner]
         inp = tgt[:, :-1]
         # padding after a short continuation may run past the context: clamp (never scored)
@@ -225,14 +222,11 @@ class FastModel:
                     None if att.k_norm is None else att.k_norm.weight[perm],
                     att.o_proj.weight, blk.post_attention_layernorm,
                     torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
-            # cos(t·f_i), sin(t·f_i) [max_len, hd/2]: the tables' second halves (their first half's
-            # sin may carry the rotation's sign)
-            self.rot = torch.complex(model.rope_cos[:, half:], model.rope_sin[:, half:])
+            self.rot = model.rope_rotation()  # [max_len, hd/2] complex
 
     @staticmethod
     def norm(x: torch.Tensor, mod: RMSNorm, weight: torch.Tensor | None = None) -> torch.Tensor:
-        w = mod.weight if weight is None else weight
-        return F.rms_norm(x.float(), (x.shape[-1],), w.float(), mod.eps).to(x.dtype)  # as RMSNorm computes it
+        return rms_norm(x, mod.weight if weight is None else weight, mod.eps)
 
     @staticmethod
     def rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

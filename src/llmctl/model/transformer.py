@@ -16,6 +16,12 @@ from torch import nn
 from .config import ModelConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (stable under bf16 autocast), scaled by ``weight``, in x's dtype: the one
+    formula of :class:`RMSNorm` and of eval's rearranged scoring passes."""
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32 (stable under bf16 autocast), scaled by a weight.
 
@@ -29,7 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +78,14 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select_rows(self, index: torch.Tensor) -> KVCache:
+        """A new cache holding batch rows ``index`` of this one (rows may repeat), same fill."""
+        out = KVCache.__new__(KVCache)
+        out.k = [k.index_select(0, index) for k in self.k]
+        out.v = [v.index_select(0, index) for v in self.v]
+        out.max_len, out.pos = self.max_len, self.pos
+        return out
 
 
 class Attention(nn.Module):
@@ -219,6 +233,14 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         h = self.hidden(idx, position_ids=position_ids, attn_mask=attn_mask, cache=cache)
         return F.linear(h, self.output_weight())
+
+    def rope_rotation(self) -> torch.Tensor:
+        """The rotary angles as unit complex numbers [max_len, head_dim/2], e^(i·t·f_j): the rotation
+        of the pair (j, j + head_dim/2) at position t (the half-split convention's pairs)."""
+        half = self.cfg.head_dim // 2
+        # both tables repeat the angles in their two halves; sin's second half is +sin (the first
+        # half carries the rotate-half sign, see rope_tables)
+        return torch.complex(self.rope_cos[:, half:], self.rope_sin[:, half:])
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight

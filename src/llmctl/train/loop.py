@@ -59,7 +59,7 @@ from ..errors import StageError, UsageError
 from . import checkpoint as ckpt
 from .distributed import DistContext
 from .optim import build_optimizers, set_lr
-from .precision import autocast, make_scaler, peak_flops, peak_memory, resolve_precision
+from .precision import autocast, cpu_peak, make_scaler, peak_flops, peak_memory, resolve_precision
 from .schedule import lr_factor
 
 METRICS = "metrics.jsonl"
@@ -229,8 +229,6 @@ class Trainer:
             muon_lr=config.muon_lr,
         )
         if config.optimizer == "muon" and self.device.type == "cpu" and self.dist.is_main:
-            from .precision import cpu_peak
-
             bf16, fp32 = cpu_peak("bf16"), cpu_peak("fp32")
             if bf16 < fp32:  # torch.optim.Muon's Newton-Schulz iterations run in bf16
                 console.print(

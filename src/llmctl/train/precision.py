@@ -75,14 +75,23 @@ def measure_cpu_matmul(dtype: torch.dtype, n: int = 1024, budget_s: float = 0.5)
     return 2.0 * n**3 / min(best, first)
 
 
+_MEASURED: dict[str, float] = {}  # this process's answers: a process measures each precision once
+
+
 def cpu_peak(dtype_name: str) -> float:
     """Measured matmul FLOP/s of this CPU for 'fp32' or 'bf16' (fp16 likewise), the best seen so far.
 
     The cache keeps the highest rate ever measured for this CPU, thread count and torch version (a
     measurement on a busy machine only under-reads). Fast precisions (≥ 10 GFLOP/s) are measured
-    again at every start (~0.5 s) so the cache converges to the true peak; slow ones only once.
+    again once per process (~0.5 s) so the cache converges to the true peak; slow ones only once.
     """
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype_name}"
+    if key not in _MEASURED:
+        _MEASURED[key] = _cpu_peak_cached(key, dtype_name)
+    return _MEASURED[key]
+
+
+def _cpu_peak_cached(key: str, dtype_name: str) -> float:
     path = _cache_file()
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
@@ -126,8 +135,6 @@ def peak_flops(device: torch.device, precision: str) -> float:
             if sub in name:
                 return peaks[precision]
         return 0.0
-    if precision == "fp32":
-        return cpu_peak("fp32")
     # a CPU without bf16/fp16 units runs those matmuls far below its fp32 rate (and below the rate
     # a model's mixed small matmuls reach): its ceiling is still the fp32 peak, so MFU stays ≤ 1
     return max(cpu_peak(precision), cpu_peak("fp32"))
