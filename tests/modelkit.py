@@ -15,7 +15,7 @@ from llmctl.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: varied real text for training the tokenizer: our own source code plus a few scripts and emoji
+#: varied real text for the tokenizer beside its base corpus: several scripts, emoji and code
 EXTRA_TEXT = "\n\n".join(
     [
         "The quick brown fox jumps over the lazy dog. 1234567890 + 42 = 1234567932",
@@ -27,14 +27,26 @@ EXTRA_TEXT = "\n\n".join(
 )
 
 
+def tokenizer_corpus() -> str:
+    """The tokenizer's training text: fixed real text (the shared Shakespeare corpus) plus the
+    multilingual and code lines above, so token ids do not move when the repository's code
+    changes. Without ../shared/data, this repository's source stands in (ids then vary by commit)."""
+    shakespeare = ROOT.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
+    if shakespeare.is_file():
+        base = shakespeare.read_text(encoding="utf-8")[:400_000]
+    else:
+        src = sorted((ROOT / "src" / "llmctl").rglob("*.py"))
+        base = "\n\n".join(p.read_text(encoding="utf-8") for p in src)
+    return base + "\n\n" + EXTRA_TEXT
+
+
 def train_tokenizer(out: Path, vocab_size: int = 700) -> Path:
     """A real llmctl tokenizer (``llmctl.tokenizer.train``, the stage behind ``llmctl tokenize
-    train``) on a little real text: this repository's source files plus multilingual lines."""
+    train``) on a little real text (:func:`tokenizer_corpus`)."""
     from llmctl.tokenizer import TrainConfig, train
 
     corpus = out.parent / f"{out.name}-corpus.txt"
-    src = sorted((ROOT / "src" / "llmctl").rglob("*.py"))
-    corpus.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in src) + "\n\n" + EXTRA_TEXT, encoding="utf-8")
+    corpus.write_text(tokenizer_corpus(), encoding="utf-8")
     train(TrainConfig(docs=[str(corpus)], out=str(out), vocab_size=vocab_size, heldout_fraction=0.0, threads=1))
     return out / "tokenizer.model"
 

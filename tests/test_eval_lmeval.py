@@ -33,7 +33,7 @@ MORE = [
     {"q": "The sun rises in the", "opts": ["east", "west", "north side of the valley"], "label": 0},
     {"q": "日本語のテキストです。東京と", "opts": ["大阪", "京都"], "label": 0},
     {"q": "Emoji: 😀 means  ", "opts": ["happy", "sad and tired"], "label": 0},  # trailing spaces move
-    {"q": "Pick a word:", "opts": ["A", "the", "in", "self"], "label": 2},  # one-token choices (as in MMLU)
+    {"q": "Pick a word:", "opts": ["the", "and", "in", "my"], "label": 2},  # one-token choices (as in MMLU)
 ]
 
 

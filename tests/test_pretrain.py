@@ -89,6 +89,13 @@ def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
     s = m["stats"]
     assert s["steps"] == 24 and s["tokens_seen"] == 24 * 256 and s["stop_reason"] == "max_steps"
     assert s["accum_steps"] == 2 and s["global_batch_tokens"] == 256
+    from llmctl.tokens import BatchSampler
+
+    # passes over each split: 8 windows of 32 per step, 18 steps on the main data and 6 annealing
+    per_epoch = {k: BatchSampler(data[k], "train", batch_size=8, seq_len=32, seed=0).windows_per_epoch
+                 for k in ("tokens", "anneal")}
+    assert s["train_epochs"] == pytest.approx(18 * 8 / per_epoch["tokens"], abs=1e-4)
+    assert s["anneal_epochs"] == pytest.approx(6 * 8 / per_epoch["anneal"], abs=1e-4)
     for k in ("non_embedding_params", "total_params", "final_val_loss", "final_val_bpb", "tokens_per_s", "mfu",
               "peak_memory_bytes"):
         assert s[k] is not None and s[k] > 0, k

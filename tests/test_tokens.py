@@ -63,6 +63,26 @@ def test_batches_are_deterministic_shifted_and_seeded(tokens):
     assert not torch.equal(a.next()[0], xa)  # a new step draws new windows
 
 
+def test_each_epoch_tiles_the_split_once_without_replacement(tokens):
+    T = 32
+    s = BatchSampler(tokens, "train", batch_size=7, seq_len=T, seed=3)
+    n, W = len(TokenArtifact(tokens).split("train")), s.windows_per_epoch
+    assert W == (n - 2 * T) // T + 1 and W > 100
+    steps = -(-3 * W // 7)  # a little over three epochs of draws
+    starts = np.concatenate([s.starts(step) for step in range(steps)])
+    assert starts.min() >= 0 and starts.max() + T + 1 <= n  # every window (inputs + targets) fits
+    offsets = []
+    for e in range(3):
+        ep = starts[e * W : (e + 1) * W]
+        off = int(ep[0] % T)
+        assert 0 <= off < T and np.all(ep % T == off)  # one grid per epoch ...
+        assert sorted((ep - off) // T) == list(range(W))  # ... each of its W windows drawn exactly once
+        offsets.append(off)
+    assert len({tuple(starts[e * W : e * W + 20]) for e in range(3)}) == 3  # a new order every epoch
+    assert len(set(offsets)) > 1  # and the grid moves with the epoch's offset
+    assert s.epochs(steps) == pytest.approx(steps * 7 / W)
+
+
 def test_resume_reproduces_the_uninterrupted_batches(tokens):
     full = BatchSampler(tokens, "train", batch_size=3, seq_len=16, seed=1)
     seen = [full.next() for _ in range(6)]

@@ -5,12 +5,13 @@ refuses configs that do not fit in memory, trains with ``Trainer`` in the run's 
 (checkpoints there make a rerun resume), scores the FULL val split at the end, and publishes the
 run: ``config.json`` ({"model": ModelConfig, "train": every option}), ``model.safetensors``,
 ``tokenizer.model``, ``metrics.jsonl``, ``loss.png``, ``checkpoints/`` and a manifest whose stats
-hold non_embedding_params, total_params, tokens_seen, steps, final_val_loss, final_val_bpb,
-tokens_per_s, mfu, peak_memory_bytes and stop_reason.
+hold non_embedding_params, total_params, tokens_seen, steps, train_epochs, final_val_loss,
+final_val_bpb, tokens_per_s, mfu, peak_memory_bytes and stop_reason.
 
 Batches: every optimizer step sees ``global_batch_tokens / seq_len`` random windows of the train
-split (``tokens.BatchSampler``: drawn from (seed, step) alone, so 1 and N data-parallel ranks see
-the same global batch), cut into micro-batches of ``micro_batch`` windows per rank.
+split (``tokens.BatchSampler``: epochs without replacement, drawn from (seed, step) alone, so 1 and
+N data-parallel ranks see the same global batch), cut into micro-batches of ``micro_batch``
+windows per rank. The manifest's ``train_epochs`` says how many passes over the split that was.
 
 Val bits per byte, exactly: the val split is cut into disjoint windows of ``seq_len`` (every token
 but the first is a target once, ``tokens.iter_eval_windows``). ``val_loss`` is the mean
@@ -265,6 +266,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             "accum_steps": accum,
             "world_size": world,
             "train_compute_flops": fpt * result["tokens_seen"],
+            "train_epochs": round(objective.main.epochs(objective.main.step), 4),
+            **({"anneal_epochs": round(objective.second.epochs(objective.second.step), 4)} if anneal else {}),
             **{k: v for k, v in result.items() if k not in ("steps", "tokens_seen")},
         }
         assert (work / METRICS).is_file() and (work / PLOT).is_file()
