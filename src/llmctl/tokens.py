@@ -249,11 +249,12 @@ class BatchSampler:
     def starts(self, step: int) -> np.ndarray:
         """Start positions of this rank's windows at ``step``."""
         first = step * self.global_batch + self.rank * self.batch_size
+        epoch, k = np.divmod(np.arange(first, first + self.batch_size, dtype=np.int64), self.windows_per_epoch)
         out = np.empty(self.batch_size, dtype=np.int64)
-        for j, draw in enumerate(range(first, first + self.batch_size)):
-            epoch, k = divmod(draw, self.windows_per_epoch)
-            offset, order = self._epoch_plan(epoch)
-            out[j] = offset + int(order[k]) * self.seq_len
+        for e in np.unique(epoch):  # one epoch, or two where the batch straddles a boundary
+            offset, order = self._epoch_plan(int(e))
+            sel = epoch == e
+            out[sel] = offset + order[k[sel]].astype(np.int64) * self.seq_len
         return out
 
     def batch(self, step: int):
