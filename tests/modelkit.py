@@ -31,7 +31,9 @@ def tokenizer_corpus() -> str:
     """The tokenizer's training text: fixed real text (the shared Shakespeare corpus) plus the
     multilingual and code lines above, so token ids do not move when the repository's code
     changes. Without ../shared/data, this repository's source stands in (ids then vary by commit)."""
-    shakespeare = ROOT.parent / "shared" / "data" / "corpora" / "tinyshakespeare.txt"
+    from conftest import SHARED_DATA
+
+    shakespeare = SHARED_DATA / "corpora" / "tinyshakespeare.txt"
     if shakespeare.is_file():
         base = shakespeare.read_text(encoding="utf-8")[:400_000]
     else:
