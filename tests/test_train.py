@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from llmctl.errors import UsageError
 from llmctl.model import ModelConfig, Transformer, lm_loss
 from llmctl.train import checkpoint as ckpt
 from llmctl.train.loop import check_memory, estimate_train_memory
-from llmctl.train.optim import build_optimizers, set_lr
+from llmctl.train.optim import BatchedMuon, build_optimizers, set_lr
 from llmctl.train.precision import autocast, make_scaler, resolve_precision
 from llmctl.train.schedule import lr_factor
 
@@ -39,6 +40,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest_and_both_learn():
     m = _model(tie_embeddings=False)
     muon, adamw = build_optimizers(m.named_parameters(), optimizer="muon", lr=0.02)
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert muon.ns_dtype == torch.bfloat16  # torch's own choice unless the trainer picks fp32
     names = {id(p): n for n, p in m.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
@@ -60,6 +62,54 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest_and_both_learn():
             o.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
+
+
+def _muon_pair(ns_dtype):
+    """Two identical stacks of square, wide and tall matrices: one for torch's Muon, one for ours."""
+    torch.manual_seed(3)
+    shapes = [(16, 16), (16, 16), (16, 40), (40, 16), (40, 16)]
+    ref = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    ours = [nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    return ref, torch.optim.Muon(ref, **kw), ours, BatchedMuon(ours, ns_dtype=ns_dtype, **kw)
+
+
+def _muon_steps(params, opt, steps=4):
+    g = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_batched_muon_is_torchs_muon_update():
+    # bf16 Newton-Schulz, batched by shape: the same update as torch's per-matrix loop, to bf16 rounding
+    ref, ref_opt, ours, opt = _muon_pair(torch.bfloat16)
+    start = [p.detach().clone() for p in ref]
+    _muon_steps(ref, ref_opt)
+    _muon_steps(ours, opt)
+    for s, r, o in zip(start, ref, ours, strict=True):
+        moved = (r - s).abs().max()
+        assert moved > 1e-3
+        assert (r - o).abs().max() < 0.02 * moved
+        assert torch.equal(ref_opt.state[r]["momentum_buffer"], opt.state[o]["momentum_buffer"])
+    # its state is torch's (checkpoints load either way)
+    assert ref_opt.state_dict()["param_groups"][0].keys() == opt.state_dict()["param_groups"][0].keys()
+
+
+def test_batched_muon_fp32_newton_schulz_orthogonalises():
+    # in fp32 the iteration's output has singular values in torch's documented band (~0.5-1.5), for
+    # wide and tall matrices alike, and the step is lr * 0.2 * sqrt(max dim) * that matrix
+    torch.manual_seed(5)
+    for shape in [(24, 24), (24, 60), (60, 24)]:
+        p = nn.Parameter(torch.zeros(shape))
+        opt = BatchedMuon([p], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False,
+                          adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float32)
+        p.grad = torch.randn(shape)
+        opt.step()
+        o = -p.detach() / (0.1 * 0.2 * max(shape) ** 0.5)
+        sv = torch.linalg.svdvals(o)
+        assert sv.min() > 0.5 and sv.max() < 1.5, sv
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

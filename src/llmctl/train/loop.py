@@ -220,6 +220,11 @@ class Trainer:
         objective.setup(self.ctx)
         self.extra = {k: m.to(self.device) for k, m in objective.extra_modules().items()}
         self.container = _Container(self.model, self.extra)
+        ns_dtype = torch.bfloat16
+        if config.optimizer == "muon" and self.device.type == "cpu" and cpu_peak("bf16") < cpu_peak("fp32"):
+            ns_dtype = torch.float32  # no bf16 units: Muon's Newton-Schulz runs at the fp32 rate instead
+            if self.dist.is_main:
+                console.print("muon: Newton-Schulz in fp32 (this CPU runs bf16 matmuls slower than fp32)")
         self.optimizers = build_optimizers(
             self.container.named_parameters(),
             optimizer=config.optimizer,
@@ -227,15 +232,8 @@ class Trainer:
             weight_decay=config.weight_decay,
             betas=(config.beta1, config.beta2),
             muon_lr=config.muon_lr,
+            muon_ns_dtype=ns_dtype,
         )
-        if config.optimizer == "muon" and self.device.type == "cpu" and self.dist.is_main:
-            bf16, fp32 = cpu_peak("bf16"), cpu_peak("fp32")
-            if bf16 < fp32:  # torch.optim.Muon's Newton-Schulz iterations run in bf16
-                console.print(
-                    f"[yellow]warning:[/] --optimizer muon orthogonalises in bf16, which this CPU runs at "
-                    f"{bf16 / 1e9:.1f} GFLOP/s (fp32 {fp32 / 1e9:.0f}): steps will be slow; --optimizer adamw is "
-                    "faster here"
-                )
         self.scaler = make_scaler(self.device, self.precision)
         self.fwd_model: nn.Module = self.model
         if self.dist.enabled:
