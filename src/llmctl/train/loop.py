@@ -59,7 +59,14 @@ from ..errors import StageError, UsageError
 from . import checkpoint as ckpt
 from .distributed import DistContext
 from .optim import build_optimizers, set_lr
-from .precision import autocast, cpu_peak, make_scaler, peak_flops, peak_memory, resolve_precision
+from .precision import (
+    autocast,
+    make_scaler,
+    newton_schulz_dtype,
+    peak_flops,
+    peak_memory,
+    resolve_precision,
+)
 from .schedule import lr_factor
 
 METRICS = "metrics.jsonl"
@@ -220,11 +227,9 @@ class Trainer:
         objective.setup(self.ctx)
         self.extra = {k: m.to(self.device) for k, m in objective.extra_modules().items()}
         self.container = _Container(self.model, self.extra)
-        ns_dtype = torch.bfloat16
-        if config.optimizer == "muon" and self.device.type == "cpu" and cpu_peak("bf16") < cpu_peak("fp32"):
-            ns_dtype = torch.float32  # no bf16 units: Muon's Newton-Schulz runs at the fp32 rate instead
-            if self.dist.is_main:
-                console.print("muon: Newton-Schulz in fp32 (this CPU runs bf16 matmuls slower than fp32)")
+        ns_dtype = newton_schulz_dtype(self.device) if config.optimizer == "muon" else torch.bfloat16
+        if ns_dtype == torch.float32 and self.dist.is_main:
+            console.print("muon: Newton-Schulz in fp32 (this CPU runs bf16 matmuls slower than fp32)")
         self.optimizers = build_optimizers(
             self.container.named_parameters(),
             optimizer=config.optimizer,

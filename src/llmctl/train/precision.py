@@ -127,6 +127,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for Muon's Newton-Schulz matmuls: bf16 (torch's choice) unless this is a CPU that runs
+    bf16 matmuls slower than fp32 (no AVX-512 BF16 / AMX units: there it is ~20x slower per step)."""
+    if device.type == "cpu" and cpu_peak("bf16") < cpu_peak("fp32"):
+        return torch.float32
+    return torch.bfloat16
+
+
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s for MFU; 0 when unknown (MFU is then not reported)."""
     if device.type == "cuda":
