@@ -112,6 +112,38 @@ def test_batched_muon_fp32_newton_schulz_orthogonalises():
         assert sv.min() > 0.5 and sv.max() < 1.5, sv
 
 
+def test_batched_muon_resumes_from_its_own_or_torchs_state_dict_bit_for_bit():
+    # 4 uninterrupted steps == 2 steps, state_dict, a fresh optimizer loads it, 2 more steps; and a
+    # torch.optim.Muon state (checkpoints from before BatchedMuon) loads the same way
+    _, _, ref, ref_opt = _muon_pair(torch.float32)
+    _muon_steps(ref, ref_opt, steps=4)
+    for first in (BatchedMuon, torch.optim.Muon):
+        ref_t, torch_opt, params, _ = _muon_pair(torch.float32)
+        kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        opt = BatchedMuon(params, ns_dtype=torch.float32, **kw) if first is BatchedMuon else torch_opt
+        live = params if first is BatchedMuon else ref_t
+        g = torch.Generator().manual_seed(4)
+        grads = [[torch.randn(p.shape, generator=g) for p in live] for _ in range(4)]
+        for k in range(2):
+            for p, gr in zip(live, grads[k], strict=True):
+                p.grad = gr
+            opt.step()
+        state = opt.state_dict()
+        resumed = [nn.Parameter(p.detach().clone()) for p in live]
+        opt2 = BatchedMuon(resumed, ns_dtype=torch.float32, **kw)
+        opt2.load_state_dict(state)
+        for k in range(2, 4):
+            for p, gr in zip(resumed, grads[k], strict=True):
+                p.grad = gr
+            opt2.step()
+        for a, b in zip(ref, resumed, strict=True):
+            assert torch.equal(ref_opt.state[a]["momentum_buffer"], opt2.state[b]["momentum_buffer"])
+            if first is BatchedMuon:
+                assert torch.equal(a, b)
+            else:  # torch's first 2 steps orthogonalised in bf16: parameters agree to its rounding
+                assert 0 < (a - b).abs().max() < 2e-3
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_fp32_master_weights(precision):
     dev = torch.device("cpu")
