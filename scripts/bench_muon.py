@@ -17,7 +17,7 @@ import time
 import torch
 
 from llmctl.model import ModelConfig, Transformer, lm_loss
-from llmctl.train.optim import BatchedMuon
+from llmctl.train.optim import BatchedMuon, build_optimizers
 
 
 def timed(fn, repeat: int) -> float:
@@ -50,7 +50,8 @@ def main() -> None:
         lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
 
     fb = timed(fwd_bwd, args.repeat)
-    mats = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in f".{n}"]
+    muon, _ = build_optimizers(model.named_parameters(), optimizer="muon")  # the trainer's split of the weights
+    mats = [p for g in muon.param_groups for p in g["params"]]
     kw = dict(lr=1e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     rows = [("torch.optim.Muon (per matrix, bf16)", torch.optim.Muon(mats, **kw), args.torch_repeat)]
     for dt in (torch.bfloat16, torch.float32):

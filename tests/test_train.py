@@ -64,21 +64,28 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest_and_both_learn():
     assert losses[-1] < losses[0] - 1.0
 
 
+MUON_KW = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+
+
 def _muon_pair(ns_dtype):
     """Two identical stacks of square, wide and tall matrices: one for torch's Muon, one for ours."""
     torch.manual_seed(3)
     shapes = [(16, 16), (16, 16), (16, 40), (40, 16), (40, 16)]
     ref = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
     ours = [nn.Parameter(p.detach().clone()) for p in ref]
-    kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-    return ref, torch.optim.Muon(ref, **kw), ours, BatchedMuon(ours, ns_dtype=ns_dtype, **kw)
+    return ref, torch.optim.Muon(ref, **MUON_KW), ours, BatchedMuon(ours, ns_dtype=ns_dtype, **MUON_KW)
 
 
-def _muon_steps(params, opt, steps=4):
+def _muon_grads(params, steps=4):
+    """The same gradients for every test: steps x one random tensor per parameter."""
     g = torch.Generator().manual_seed(4)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+    return [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+
+
+def _muon_steps(params, opt, grads):
+    for step_grads in grads:
+        for p, gr in zip(params, step_grads, strict=True):
+            p.grad = gr
         opt.step()
 
 
@@ -86,8 +93,8 @@ def test_batched_muon_is_torchs_muon_update():
     # bf16 Newton-Schulz, batched by shape: the same update as torch's per-matrix loop, to bf16 rounding
     ref, ref_opt, ours, opt = _muon_pair(torch.bfloat16)
     start = [p.detach().clone() for p in ref]
-    _muon_steps(ref, ref_opt)
-    _muon_steps(ours, opt)
+    _muon_steps(ref, ref_opt, _muon_grads(ref))
+    _muon_steps(ours, opt, _muon_grads(ours))
     for s, r, o in zip(start, ref, ours, strict=True):
         moved = (r - s).abs().max()
         assert moved > 1e-3
@@ -116,32 +123,22 @@ def test_batched_muon_resumes_from_its_own_or_torchs_state_dict_bit_for_bit():
     # 4 uninterrupted steps == 2 steps, state_dict, a fresh optimizer loads it, 2 more steps; and a
     # torch.optim.Muon state (checkpoints from before BatchedMuon) loads the same way
     _, _, ref, ref_opt = _muon_pair(torch.float32)
-    _muon_steps(ref, ref_opt, steps=4)
-    for first in (BatchedMuon, torch.optim.Muon):
-        ref_t, torch_opt, params, _ = _muon_pair(torch.float32)
-        kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
-        opt = BatchedMuon(params, ns_dtype=torch.float32, **kw) if first is BatchedMuon else torch_opt
-        live = params if first is BatchedMuon else ref_t
-        g = torch.Generator().manual_seed(4)
-        grads = [[torch.randn(p.shape, generator=g) for p in live] for _ in range(4)]
-        for k in range(2):
-            for p, gr in zip(live, grads[k], strict=True):
-                p.grad = gr
-            opt.step()
-        state = opt.state_dict()
+    grads = _muon_grads(ref)
+    _muon_steps(ref, ref_opt, grads)
+    for torch_first in (False, True):
+        torch_params, torch_opt, params, opt = _muon_pair(torch.float32)
+        live, first_opt = (torch_params, torch_opt) if torch_first else (params, opt)
+        _muon_steps(live, first_opt, grads[:2])
         resumed = [nn.Parameter(p.detach().clone()) for p in live]
-        opt2 = BatchedMuon(resumed, ns_dtype=torch.float32, **kw)
-        opt2.load_state_dict(state)
-        for k in range(2, 4):
-            for p, gr in zip(resumed, grads[k], strict=True):
-                p.grad = gr
-            opt2.step()
+        opt2 = BatchedMuon(resumed, ns_dtype=torch.float32, **MUON_KW)
+        opt2.load_state_dict(first_opt.state_dict())
+        _muon_steps(resumed, opt2, grads[2:])
         for a, b in zip(ref, resumed, strict=True):
             assert torch.equal(ref_opt.state[a]["momentum_buffer"], opt2.state[b]["momentum_buffer"])
-            if first is BatchedMuon:
-                assert torch.equal(a, b)
-            else:  # torch's first 2 steps orthogonalised in bf16: parameters agree to its rounding
+            if torch_first:  # torch's first 2 steps orthogonalised in bf16: parameters agree to its rounding
                 assert 0 < (a - b).abs().max() < 2e-3
+            else:
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

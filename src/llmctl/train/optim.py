@@ -79,16 +79,16 @@ class BatchedMuon(torch.optim.Muon):
             for i, u in enumerate(updates):
                 rows, cols = u.shape
                 by_shape.setdefault((rows, cols, u.device), []).append(i)
-            for idx in by_shape.values():
-                tall = updates[idx[0]].size(0) > updates[idx[0]].size(1)  # one shape per batch
+            for (rows, cols, _), idx in by_shape.items():
+                tall = rows > cols  # orthogonalise the wide orientation: its Gram matrix is the smaller one
                 x = torch.stack([(updates[i].mT if tall else updates[i]).to(self.ns_dtype) for i in idx])
                 x = self._orthogonalise(x, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                step_lr = lr * self._lr_ratio(group["adjust_lr_fn"], rows, cols)
                 for j, i in enumerate(idx):
                     p = params[i]
-                    o = x[j].mT if tall else x[j]
                     if wd:
                         p.mul_(1 - lr * wd)
-                    p.add_(o.to(p.dtype), alpha=-lr * self._lr_ratio(group["adjust_lr_fn"], *p.shape))
+                    p.add_((x[j].mT if tall else x[j]).to(p.dtype), alpha=-step_lr)
         return loss
 
 
