@@ -34,6 +34,16 @@ def test_causal_future_tokens_do_not_change_past_logits():
         assert not torch.allclose(m(a)[:, 10:], m(b)[:, 10:])
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_return_hidden_gives_the_states_the_head_reads(tie):
+    m = _model(tie_embeddings=tie)
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        h = m(idx, return_hidden=True)
+        assert h.shape == (2, 12, 32) and torch.equal(h, m.hidden(idx))
+        assert torch.allclose(h @ m.output_weight().T, m(idx), atol=1e-6)
+
+
 def test_position_ids_restart_equals_separate_sequences():
     m = _model()
     x, y = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 5))

@@ -230,8 +230,14 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
+        """Logits [B, T, vocab]; with ``return_hidden`` the final normalised hidden states [B, T, d]
+        instead (for reward and value heads: going through ``forward`` keeps DDP's gradient
+        synchronisation and torch.compile in the path, which calling ``hidden`` directly would skip)."""
         h = self.hidden(idx, position_ids=position_ids, attn_mask=attn_mask, cache=cache)
+        if return_hidden:
+            return h
         return F.linear(h, self.output_weight())
 
     def rope_rotation(self) -> torch.Tensor:

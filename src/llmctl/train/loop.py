@@ -3,8 +3,10 @@
 An objective is an object with these methods (``Objective`` below is the base class to subclass):
 
 ``setup(ctx)``
-    Called once before training with a ``TrainContext`` (device, DDP rank/world size, the number
-    of micro-batches per optimizer step on this rank, the loop config). Build data sources here.
+    Called once before training with a ``TrainContext`` (device, precision, DDP rank/world size,
+    the number of micro-batches per optimizer step on this rank, the loop config, and the plain
+    model already on the device). Build data sources here; dpo and ppo copy ``ctx.model`` into a
+    frozen reference, and ppo samples its rollouts from it (under ``torch.no_grad``).
 ``extra_modules() -> dict[str, nn.Module]``
     Modules trained alongside the model (a value head, a reward head); optimized, checkpointed,
     and moved to the device with it. Default: none.
@@ -15,8 +17,9 @@ An objective is an object with these methods (``Objective`` below is the base cl
     Tokens this micro-batch processes (for tokens/s, MFU and ``max_tokens``).
 ``loss(model, batch, modules) -> (loss, metrics)``
     The scalar loss to minimise (a mean over the micro-batch) and a dict of float/tensor metrics to
-    log. ``model`` is the (compiled, DDP-wrapped) transformer to call; ``modules`` the extra modules.
-    Runs under autocast; compute the loss itself in fp32.
+    log. ``model`` is the (compiled, DDP-wrapped) transformer to call, for logits or, with
+    ``return_hidden=True``, the final hidden states a reward or value head reads; ``modules`` the
+    extra modules. Runs under autocast; compute the loss itself in fp32.
 ``evaluate(model, modules, full) -> dict[str, float]``
     Optional evaluation under ``torch.no_grad`` in eval mode, on every rank (sum across ranks with
     ``ctx.dist.all_reduce_sum``). ``full=False`` for the periodic pass (may subsample), ``True`` for
@@ -109,6 +112,9 @@ class TrainContext:
     dist: DistContext
     accum_steps: int
     config: LoopConfig
+    #: the plain model on the device (not compiled, not DDP-wrapped): for frozen reference copies
+    #: and sampling; the differentiable forward goes through the ``model`` given to ``loss``
+    model: nn.Module
 
 
 class Objective(ABC):
@@ -223,7 +229,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
-        self.ctx = TrainContext(self.device, self.precision, self.dist, accum_steps, config)
+        self.ctx = TrainContext(self.device, self.precision, self.dist, accum_steps, config, self.model)
         objective.setup(self.ctx)
         self.extra = {k: m.to(self.device) for k, m in objective.extra_modules().items()}
         self.container = _Container(self.model, self.extra)
