@@ -27,7 +27,7 @@ from torch import nn
 from llmctl.model import ModelConfig, Transformer
 from llmctl.train import checkpoint as ckpt
 from llmctl.train.distributed import DistContext
-from llmctl.train.loop import LoopConfig, Objective, Trainer, read_metrics
+from llmctl.train.loop import CHECKPOINTS, METRICS, LoopConfig, Objective, Trainer, read_metrics
 
 SEQ = 48  # tokens per side of a pair: the last SEQ tokens of the dialogue, where the answers differ
 N_PAIRS = 8
@@ -138,8 +138,8 @@ def pairs(tok) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(chosen), torch.tensor(rejected)
 
 
-def _model(vocab: int, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
+def _model(vocab: int) -> Transformer:
+    torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=2, d_model=32, max_seq_len=SEQ))
 
 
@@ -153,7 +153,7 @@ def _reward_trainer(pairs, vocab: int, work: Path, micro_batch: int, accum: int,
     work.mkdir(parents=True, exist_ok=True)
     model = _model(vocab)
     torch.manual_seed(1)
-    objective = RewardObjective(*pairs, micro_batch=micro_batch, d_model=32)
+    objective = RewardObjective(*pairs, micro_batch=micro_batch, d_model=model.cfg.d_model)
     trainer = Trainer(model, objective, _loop(**loop_kw), work, accum_steps=accum, flops_per_token=1.0,
                       dist_ctx=dist_ctx, title="reward")
     return trainer, objective
@@ -165,7 +165,7 @@ def _reward_run(*args, **kw) -> tuple[Trainer, RewardObjective, dict]:
 
 
 def _losses(work: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(work / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(work / METRICS) if "loss" in r}
 
 
 # -- the tests --------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_reward_head_is_an_extra_module_the_loop_trains_and_checkpoints(pairs, t
     assert sum(losses[s] for s in range(36, 41)) / 5 < 0.2  # the 8 pairs are learnt
     assert result["final_eval"]["pair_accuracy"] == 1.0
     # the final checkpoint holds the head beside the model, and the data position
-    step, path = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]
+    step, path = ckpt.list_checkpoints(tmp_path / CHECKPOINTS)[-1]
     from safetensors.torch import load_file
 
     saved = load_file(path / "model.safetensors")
@@ -194,8 +194,7 @@ def test_reward_run_resumed_from_a_checkpoint_continues_bit_for_bit(pairs, tok, 
     whole = tmp_path / "whole"
     t1, _, _ = _reward_run(pairs, tok.vocab_size, whole, micro_batch=2, accum=2, checkpoint_every=3)
     cut = tmp_path / "cut"
-    (cut / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpt.step_dir(whole / "checkpoints", 3), ckpt.step_dir(cut / "checkpoints", 3))
+    shutil.copytree(ckpt.step_dir(whole / CHECKPOINTS, 3), ckpt.step_dir(cut / CHECKPOINTS, 3))
     t2, objective, result = _reward_run(pairs, tok.vocab_size, cut, micro_batch=2, accum=2, checkpoint_every=3)
     assert result["resumed_from_step"] == 3 and objective.k == 6 * 2
     a, b = _losses(whole), _losses(cut)
@@ -245,7 +244,7 @@ def test_dpo_starts_at_log2_against_its_frozen_reference_and_moves_away(pairs, t
     trainer = Trainer(model, objective, _loop(max_steps=12, lr=1e-2), tmp_path, accum_steps=1,
                       flops_per_token=1.0, title="dpo")
     trainer.fit()
-    recs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    recs = [r for r in read_metrics(tmp_path / METRICS) if "loss" in r]
     # policy = reference at the first step: the margin is exactly 0 and the loss exactly log 2
     assert recs[0]["margin"] == 0.0 and recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert recs[-1]["margin"] > 0 and recs[-1]["loss"] < recs[0]["loss"]
