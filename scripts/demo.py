@@ -2,8 +2,9 @@
 
 Renders a few dozen standard-library modules' documentation to HTML with pydoc, serves it on
 127.0.0.1, and runs every stage on it: crawl, extract, filter, dedup, tokenizer training and
-encoding, a short pretraining run, sampling, export to transformers, and perplexity on the
-documentation of modules the site does not contain. It prints where each artifact is. Every step is a stage run
+encoding, a short pretraining run, sampling, export to transformers, perplexity on the
+documentation of modules the site does not contain, and a short supervised fine-tuning run on
+questions about the site's functions (answered by their docstrings' first lines), then chat. It prints where each artifact is. Every step is a stage run
 whose rerun is a no-op, so running the demo again takes seconds. Later stages append a Step to
 STEPS (a name, the artifact it writes, and a function building the llmctl arguments).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sitegen import port_is_free, render_pydoc_site, serve  # noqa: E402
+from sitegen import STDLIB_MODULES, port_is_free, render_pydoc_site, serve  # noqa: E402
 
 OUT = ROOT / "demo-out"
 PREFERRED_PORT = 8731  # a fixed address keeps the crawl's parameters, and so its no-op rerun, stable
@@ -57,6 +58,42 @@ def heldout_text(ctx: Context) -> str:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n\n".join(parts), encoding="utf-8")
         tmp.replace(path)
+    return str(path)
+
+
+#: questions for the chat step: functions of the site's modules (their docs were pretrained on)
+CHAT_QUESTIONS = ("What does json.dumps do?", "What does textwrap.dedent do?", "What does shutil.copyfile do?")
+
+
+def instruction_data(ctx: Context) -> str:
+    """Write (once) instruction pairs about the site's modules and return the path: "What does
+    mod.fn do?" answered by the first line of fn's docstring (the data a demo can embed: every
+    machine with Python has it)."""
+    path = ctx.out / "sft-data.jsonl"
+    if not path.exists():
+        import importlib
+        import inspect
+        import json
+
+        rows = []
+        for name in STDLIB_MODULES:
+            mod = importlib.import_module(name)
+            for attr, obj in sorted(vars(mod).items()):
+                if attr.startswith("_") or not inspect.isfunction(obj) or getattr(obj, "__module__", None) != name:
+                    continue
+                doc = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ")
+                if 10 <= len(doc) <= 300:
+                    rows.append({"instruction": f"What does {name}.{attr} do?", "output": doc})
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
+
+
+def chat_prompts(ctx: Context) -> str:
+    path = ctx.out / "chat-prompts.txt"
+    if not path.exists():
+        path.write_text("".join(q + "\n" for q in CHAT_QUESTIONS), encoding="utf-8")
     return str(path)
 
 
@@ -113,6 +150,22 @@ STEPS: list[Step] = [
         "eval",
         "eval",
         lambda ctx: ["eval", str(ctx.artifacts["pretrain"]), "--task", f"ppl:{heldout_text(ctx)}"],
+    ),
+    Step(
+        "sft",
+        "sft",
+        lambda ctx: [
+            "sft", str(ctx.artifacts["pretrain"]), instruction_data(ctx), "--epochs", "30", "--lr", "1e-3",
+            "--micro-batch", "16", "--time-budget", "90", "--eval-every", "25",
+        ],
+    ),
+    Step(
+        "chat",
+        "chat.jsonl",
+        lambda ctx: [
+            "generate", str(ctx.artifacts["sft"]), "--chat", "--prompts", chat_prompts(ctx), "--max-new-tokens", "48",
+            "--temperature", "0",
+        ],
     ),
 ]
 

@@ -14,7 +14,8 @@ from .common import ConfigOpt, ForceOpt, SeedOpt
 
 EPILOG = (
     "Examples: llmctl generate runs/tiny --prompt 'To be, or not' --max-new-tokens 60 --temperature 0.8 · "
-    "llmctl generate runs/tiny --prompts prompts.jsonl --out completions.jsonl --temperature 0"
+    "llmctl generate runs/tiny --prompts prompts.jsonl --out completions.jsonl --temperature 0 · "
+    "llmctl generate runs/tiny-sft --chat --prompt 'Name three colours.'"
 )
 
 
@@ -36,6 +37,8 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts generated together.")] = 16,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not put BOS in front of each prompt.")] = False,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="Also write each token's log-probability to --out.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Prompts are user turns of llmctl's chat format (for sft runs); replies stop at <|end|>.")] = False,
+    system: Annotated[str | None, typer.Option("--system", help="With --chat: a system message before each prompt.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")] = "auto",
     seed: SeedOpt = 0,
@@ -53,21 +56,26 @@ def generate_cmd(
         run=str(run), prompt=prompt, prompts=str(prompts) if prompts else None, out=str(out) if out else None,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop=tuple(stop or ()), seed=seed, batch_size=batch_size, add_bos=not no_bos, logprobs=logprobs,
-        device=device, precision=precision, force=force,
+        chat=chat, system=system, device=device, precision=precision, force=force,
     )
     stream = prompt is not None and out is None
+    # plain text continues the prompt, so it is echoed first; a chat reply is printed alone. The
+    # echo waits for the first piece, so an error is never printed after a dangling prompt.
+    echo = [stream and not chat]
 
-    def on_text(_: int, piece: str) -> None:
+    def write(piece: str) -> None:
+        if echo[0]:
+            sys.stdout.write(prompt or "")
+            echo[0] = False
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if stream:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
+    def on_text(_: int, piece: str) -> None:
+        write(piece)
+
     done, stats, bad = run_generate(cfg, on_text if stream else None)
     if stream:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        write("\n")
         c = done[0]
         console.print(
             f"[dim]{len(c.token_ids)} tokens ({c.finish_reason}) in {stats.seconds:.2f}s · "

@@ -25,9 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ..chat import user_prompt
 from ..device import resolve_device
 from ..errors import UsageError
-from ..tokenizer import load_tokenizer
+from ..tokenizer import ROLE_MARKERS, load_tokenizer
 from .transformer import Transformer
 
 
@@ -392,15 +393,23 @@ class GenerateConfig:
     batch_size: int = 16
     add_bos: bool = True
     logprobs: bool = False
+    chat: bool = False  # wrap each prompt as a user turn of llmctl's chat format (chat.py)
+    system: str | None = None  # with chat: a system message before every prompt
     device: str = "auto"
     precision: str = "auto"
     force: bool = False
 
     def sampling(self) -> SamplingParams:
+        # a chat reply ends at <|end|> (the EOS after it ends the whole conversation)
+        stop = (*self.stop, ROLE_MARKERS["end"]) if self.chat else tuple(self.stop)
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, stop=tuple(self.stop), seed=self.seed,
+            top_p=self.top_p, stop=stop, seed=self.seed,
         )
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text the model continues: the prompt itself, or with ``chat`` its chat rendering."""
+        return user_prompt(prompt, self.system) if self.chat else prompt
 
 
 def read_prompts(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -478,6 +487,8 @@ def run_generate(
         raise UsageError("--prompts needs --out FILE.jsonl for the completions")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be ≥ 1")
+    if cfg.system is not None and not cfg.chat:
+        raise UsageError("--system needs --chat (a system message is part of the chat format)")
     params = cfg.sampling()
     if cfg.prompts is not None:
         records, bad = read_prompts(Path(cfg.prompts))
@@ -489,7 +500,7 @@ def run_generate(
     model = model.to(device=device, dtype=dtype).eval()
     stats = GenerationStats()
     done = generate(
-        model, tok, [r["prompt"] for r in records], params, batch_size=cfg.batch_size,
+        model, tok, [cfg.prompt_text(r["prompt"]) for r in records], params, batch_size=cfg.batch_size,
         add_bos=cfg.add_bos, on_text=on_text, stats=stats,
     )
     if cfg.out is not None:

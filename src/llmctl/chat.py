@@ -1,0 +1,160 @@
+"""llmctl's chat format: conversations as role-marked text, and their tokens with a loss mask.
+
+A conversation renders as ``<|role|>content<|end|>`` per message; the model's reply follows a bare
+``<|assistant|>`` and ends with ``<|end|>``, and a whole training example ends with EOS::
+
+    BOS <|system|>Be brief.<|end|><|user|>Capital of France?<|end|><|assistant|>Paris.<|end|> EOS
+
+The role markers are user-defined symbols of every llmctl tokenizer (tokenizer.py), so the text on
+either side of a marker is encoded independently: tokenising a prompt that ends in ``<|assistant|>``
+gives exactly the first ids of the whole conversation, which is what lets the loss mask be cut at
+token boundaries. ``encode_chat`` still checks that prefix property (REFERENCE.md, SFT) and refuses
+an example where it fails rather than train on a shifted mask.
+
+Training examples come from the common instruction-data layouts, mapped to messages by
+``to_messages``: ``{"messages": [{"role", "content"}]}`` (also ShareGPT's ``conversations`` with
+``from``/``value``), Alpaca's ``{"instruction", "input", "output"}``, self-instruct seed tasks
+``{"instruction", "instances": [{"input", "output"}]}`` (one example per instance), and
+``{"prompt", "completion"}`` (or ``response``); an optional top-level ``system`` string applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .tokenizer import ROLE_MARKERS
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+Message = dict[str, str]
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a conversation; ``reason`` is the counter's key."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def render_message(role: str, content: str) -> str:
+    return f"{ROLE_MARKERS[role]}{content}{ROLE_MARKERS['end']}"
+
+
+def render_prompt(messages: Sequence[Message]) -> str:
+    """The text a model continues to write the next assistant reply."""
+    return "".join(render_message(m["role"], m["content"]) for m in messages) + ROLE_MARKERS["assistant"]
+
+
+def user_prompt(text: str, system: str | None = None) -> str:
+    """``render_prompt`` of one user turn (and an optional system message)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return render_prompt(msgs)
+
+
+def _text(v: Any, reason: str) -> str:
+    if not isinstance(v, str):
+        raise BadRecord(reason)
+    return v
+
+
+def _instruction_turn(instruction: Any, inp: Any) -> str:
+    instruction = _text(instruction, "instruction_not_text").strip()
+    inp = "" if inp is None else _text(inp, "input_not_text").strip()
+    if not instruction:
+        raise BadRecord("empty_instruction")
+    return f"{instruction}\n\n{inp}" if inp else instruction
+
+
+def _pair(system: str | None, user: str, reply: Any) -> list[Message]:
+    reply = _text(reply, "output_not_text")
+    if not reply.strip():
+        raise BadRecord("empty_output")
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def to_messages(rec: Any) -> Iterator[list[Message]]:
+    """The conversations in one record (raises ``BadRecord`` naming why there are none)."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not_an_object")
+    system = rec.get("system")
+    if system is not None:
+        system = _text(system, "system_not_text") or None
+    if "messages" in rec or "conversations" in rec:
+        raw = rec.get("messages", rec.get("conversations"))
+        if not isinstance(raw, list) or not raw:
+            raise BadRecord("messages_not_a_list")
+        msgs: list[Message] = [{"role": "system", "content": system}] if system else []
+        for m in raw:
+            if not isinstance(m, dict):
+                raise BadRecord("message_not_an_object")
+            role = m.get("role", m.get("from"))
+            role = _SHAREGPT_ROLES.get(role) if isinstance(role, str) else None
+            if role is None:
+                raise BadRecord("unknown_role")
+            msgs.append({"role": role, "content": _text(m.get("content", m.get("value")), "content_not_text")})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise BadRecord("no_assistant_reply")
+        yield msgs
+    elif "instances" in rec and "instruction" in rec:
+        instances = rec["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise BadRecord("instances_not_a_list")
+        for inst in instances:
+            if not isinstance(inst, dict):
+                raise BadRecord("instance_not_an_object")
+            yield _pair(system, _instruction_turn(rec["instruction"], inst.get("input")), inst.get("output"))
+    elif "instruction" in rec and "output" in rec:
+        yield _pair(system, _instruction_turn(rec["instruction"], rec.get("input")), rec["output"])
+    elif "prompt" in rec and ("completion" in rec or "response" in rec):
+        prompt = _text(rec["prompt"], "prompt_not_text")
+        if not prompt.strip():
+            raise BadRecord("empty_prompt")
+        yield _pair(system, prompt, rec.get("completion", rec.get("response")))
+    else:
+        raise BadRecord("unknown_layout")
+
+
+@dataclass
+class ChatTokens:
+    """One example's token ids and, per id, whether the model is trained to produce it."""
+
+    ids: list[int]
+    trained: list[bool]
+
+    def targets(self) -> tuple[list[int], list[int]]:
+        """(input ids, next-token targets with -100 where no loss is taken), each len(ids) - 1."""
+        return self.ids[:-1], [t if w else -100 for t, w in zip(self.ids[1:], self.trained[1:], strict=True)]
+
+
+def encode_chat(tok: Any, messages: Sequence[Message]) -> ChatTokens:
+    """BOS + the rendered conversation + EOS, with every assistant reply (its ``<|end|>`` and the
+    final EOS included) marked as trained and everything else (system, user, the role markers that
+    open a reply) not. Raises ``BadRecord("prefix_mismatch")`` if a prompt's ids are not a prefix
+    of the whole conversation's ids."""
+    ids: list[int] = [tok.bos_id]
+    trained: list[bool] = [False]
+    text = ""
+    for m in messages:
+        if m["role"] == "assistant":
+            opener = ROLE_MARKERS["assistant"]
+            reply = m["content"] + ROLE_MARKERS["end"]
+            head, body = tok.encode(opener), tok.encode(reply)
+            ids += head + body
+            trained += [False] * len(head) + [True] * len(body)
+            text += opener + reply
+        else:
+            piece = render_message(m["role"], m["content"])
+            part = tok.encode(piece)
+            ids += part
+            trained += [False] * len(part)
+            text += piece
+    ids.append(tok.eos_id)
+    trained.append(messages[-1]["role"] == "assistant")
+    if tok.encode(text) != ids[1:-1]:
+        raise BadRecord("prefix_mismatch")
+    return ChatTokens(ids, trained)

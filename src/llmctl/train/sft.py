@@ -1,0 +1,442 @@
+"""Supervised fine-tuning: a pretrained run → a chat model, trained on the assistant replies only.
+
+``run(SFTConfig)`` loads the base run (weights, model config, tokenizer), reads instruction data
+(``chat.to_messages`` layouts, .json/.jsonl, .gz too), renders every example in llmctl's chat
+format and tokenises it with a loss mask (``chat.encode_chat``: prompt, role markers and padding
+are -100; replies, their ``<|end|>`` and the final EOS are targets), holds out a val split, and
+trains with ``Trainer``. The result is a run like pretrain's (config.json, model.safetensors,
+tokenizer.model, metrics.jsonl, loss.png, checkpoints/), so generate, export and eval take it.
+
+Packing (default): examples are packed into rows of ``seq_len`` tokens by best-fit decreasing
+(``pack``). Position ids restart at 0 for every example and the attention mask is block-diagonal
+causal, so a packed example sees exactly what it would see alone (no cross-example attention);
+the rows are fixed once and each epoch visits them in a new seeded order. Without packing every
+row is one example, padded to the longest of its micro-batch. An example longer than ``seq_len``
+is cut to its first ``seq_len`` targets (counted as ``truncated``); one whose prompt alone fills the
+window has no target left and is dropped (``prompt_too_long``).
+
+The loss is the mean over every target token of the optimizer step, on all ranks: each
+micro-batch's summed nats are divided by the step's global target count (one all-reduce per step),
+so gradient accumulation and data parallelism weight every token equally, however the tokens fall
+into micro-batches (a mean of per-micro-batch means would overweight short ones).
+
+Val: ``--val FILE`` gives the held-out examples exactly; otherwise a fraction ``val_fraction`` of
+the examples, chosen by a hash of their text (independent of ``--seed``, and duplicates land on the
+same side). ``val_loss`` is the mean nats per target token over the whole val split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifacts import StageRun, write_json_atomic
+from ..chat import BadRecord, ChatTokens, encode_chat, render_prompt, to_messages
+from ..console import console
+from ..device import resolve_device
+from ..errors import UsageError
+from ..model.config import ModelConfig
+from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_weights
+from ..model.transformer import Transformer, lm_loss
+from ..tokenizer import _unit, load_tokenizer
+from .distributed import init_distributed
+from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
+from .precision import available_memory, resolve_precision
+
+STAGE = "sft"
+#: base runs sft starts from (an sft run can be fine-tuned again)
+BASE_STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    """Every option of ``llmctl sft`` (the loop's options, with fine-tuning defaults, plus data)."""
+
+    base: Path = Path()
+    data: list[Path] = field(default_factory=list)
+    out: Path = Path()
+    val: list[Path] = field(default_factory=list)  # exactly these examples are val (else val_fraction)
+    val_fraction: float = 0.05
+    seq_len: int | None = None  # None → the base model's max_seq_len
+    packing: bool = True
+    micro_batch: int = 8  # rows per forward/backward on each rank
+    global_batch: int = 0  # rows per optimizer step over all ranks; 0 → micro_batch × world
+    epochs: float = 3.0  # sets max_steps unless --max-steps is given; 0 = no epoch limit
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    force: bool = False
+
+    def loop_config(self) -> LoopConfig:
+        from dataclasses import fields
+
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
+
+
+# --- data ---------------------------------------------------------------------------------------
+def _read_records(path: Path, bad: dict[str, int]) -> list[Any]:
+    """The JSON records of a .json (one array) or .jsonl file (.gz too); bad lines are counted."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file; pass .json or .jsonl instruction data")
+    name = path.name.lower().removesuffix(".gz")
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith(".json"):
+                try:
+                    data = json.load(f)
+                except ValueError as e:
+                    raise UsageError(f"{path}: not valid JSON ({e}); fix the file or pass JSON Lines as .jsonl") from e
+                if not isinstance(data, list):
+                    raise UsageError(f"{path}: a .json data file must hold one array of examples")
+                return data
+            if not (name.endswith(".jsonl") or name.endswith(".ndjson")):
+                raise UsageError(f"{path}: unknown data file type; pass .json (an array) or .jsonl files")
+            records = []
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    bad["bad_json"] = bad.get("bad_json", 0) + 1
+            return records
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({e}); check the file") from e
+
+
+def load_conversations(paths: list[Path], bad: dict[str, int]) -> list[list[dict[str, str]]]:
+    """Every conversation in the files, in order; records that are not one are counted by reason."""
+    out = []
+    for p in paths:
+        for rec in _read_records(Path(p), bad):
+            try:
+                out.extend(to_messages(rec))
+            except BadRecord as e:
+                bad[e.reason] = bad.get(e.reason, 0) + 1
+    return out
+
+
+@dataclass
+class Example:
+    inputs: list[int]
+    targets: list[int]  # -100 where no loss is taken
+
+    @property
+    def n_targets(self) -> int:
+        return sum(t != -100 for t in self.targets)
+
+
+def tokenize_examples(tok: Any, convs: list[list[dict[str, str]]], seq_len: int, bad: dict[str, int]) -> tuple[list[Example], int]:
+    """(examples, how many were truncated to ``seq_len``); failures are counted in ``bad``."""
+    out, truncated = [], 0
+    for msgs in convs:
+        try:
+            ct: ChatTokens = encode_chat(tok, msgs)
+        except BadRecord as e:
+            bad[e.reason] = bad.get(e.reason, 0) + 1
+            continue
+        inputs, targets = ct.targets()
+        if len(inputs) > seq_len:
+            inputs, targets = inputs[:seq_len], targets[:seq_len]
+            truncated += 1
+        ex = Example(inputs, targets)
+        if ex.n_targets == 0:
+            bad["prompt_too_long"] = bad.get("prompt_too_long", 0) + 1
+            continue
+        out.append(ex)
+    return out, truncated
+
+
+def split_val(convs: list[list[dict[str, str]]], fraction: float) -> tuple[list, list]:
+    """(train, val) by a seed-independent hash of each conversation's text."""
+    train, val = [], []
+    for msgs in convs:
+        key = render_prompt(msgs)
+        (val if _unit(0, "sft-val", key) < fraction else train).append(msgs)
+    return train, val
+
+
+def pack(lengths: list[int], seq_len: int, order: list[int]) -> list[list[int]]:
+    """Rows of example indices, at most ``seq_len`` tokens each, by best-fit decreasing: longest
+    examples first (ties in ``order``), each into the fullest row it still fits. That packs rows
+    ~97-100% full where filling them one after another in ``order`` leaves ~20% padding on
+    instruction data; the rows' own order is shuffled per epoch."""
+    import bisect
+
+    rank = {i: r for r, i in enumerate(order)}
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens still free, row), sorted
+    for i in sorted(order, key=lambda i: (-lengths[i], rank[i])):
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def collate(examples: list[Example], rows: list[list[int]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch: ids padded to the longest row; packed rows add restarting position ids and a
+    block-diagonal causal mask [B, 1, T, T] (padding attends only to padding, never to a token)."""
+    T = max(sum(len(examples[i].inputs) for i in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    real = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row):
+            ex = examples[i]
+            n = len(ex.inputs)
+            ids[b, t : t + n] = torch.tensor(ex.inputs)
+            labels[b, t : t + n] = torch.tensor(ex.targets)
+            pos[b, t : t + n] = torch.arange(n)
+            seg[b, t : t + n] = s
+            t += n
+        real += t
+    batch = {"input_ids": ids, "labels": labels, "real_tokens": torch.tensor(real)}
+    if packed and any(len(r) > 1 for r in rows):
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        batch["position_ids"] = pos
+        batch["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    return batch
+
+
+class SFTObjective(Objective):
+    """Rows of packed (or single) chat examples → cross-entropy on the reply tokens."""
+
+    name = "sft"
+
+    def __init__(self, train: list[Example], val: list[Example], cfg: SFTConfig, pad_id: int, global_rows: int) -> None:
+        self.train, self.val, self.cfg, self.pad_id = train, val, cfg, pad_id
+        self.global_rows = global_rows
+        lengths = [len(e.inputs) for e in train]
+        if cfg.packing:
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = torch.randperm(len(train), generator=g).tolist()
+            self.rows = pack(lengths, int(cfg.seq_len), order)
+        else:
+            self.rows = [[i] for i in range(len(train))]
+        self.step = 0  # optimizer steps drawn so far (the data position)
+        self._buffer: list[dict[str, torch.Tensor]] = []
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _row(self, g: int) -> list[int]:
+        """The g-th row of the endless stream: epoch g // rows, in that epoch's seeded order."""
+        n = len(self.rows)
+        epoch, k = divmod(g, n)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(n, generator=gen).tolist())
+        return self.rows[self._perm[1][k]]
+
+    def epochs(self, steps: int | None = None) -> float:
+        steps = self.step if steps is None else steps
+        return steps * self.global_rows / len(self.rows)
+
+    def _fill(self) -> None:
+        d, mb, accum = self.ctx.dist, self.cfg.micro_batch, self.ctx.accum_steps
+        first = self.step * self.global_rows + d.rank * mb * accum
+        rows = [self._row(first + j) for j in range(mb * accum)]
+        self.step += 1
+        batches = [
+            collate(self.train, rows[i : i + mb], self.pad_id, self.cfg.packing) for i in range(0, len(rows), mb)
+        ]
+        n = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in batches))])
+        d.all_reduce_sum(n)  # the step's target tokens over every rank
+        scale = accum * d.world_size / max(float(n), 1.0)
+        for b in batches:
+            b["loss_scale"] = torch.tensor(scale)
+        self._buffer = batches
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self._buffer:
+            self._fill()
+        return self._buffer.pop(0)
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["real_tokens"])
+
+    def loss(self, model, batch, modules):
+        kw = {k: batch[k] for k in ("position_ids", "attn_mask") if k in batch}
+        logits = model(batch["input_ids"], **kw)
+        nats = lm_loss(logits, batch["labels"], reduction="sum")
+        return nats * batch["loss_scale"], {}
+
+    def evaluate(self, model, modules, full: bool) -> dict[str, float]:
+        if not self.val:
+            return {}
+        d, dev, mb = self.ctx.dist, self.ctx.device, self.cfg.micro_batch
+        total = torch.zeros(2, dtype=torch.float64, device=dev)  # summed nats, targets
+        mine = list(range(d.rank, len(self.val), d.world_size))
+        # longest first: rows of a micro-batch have similar lengths, so little padding
+        mine.sort(key=lambda i: -len(self.val[i].inputs))
+        for k in range(0, len(mine), mb):
+            b = collate(self.val, [[i] for i in mine[k : k + mb]], self.pad_id, packed=False)
+            logits = model(b["input_ids"].to(dev))
+            labels = b["labels"].to(dev)
+            total[0] += lm_loss(logits, labels, reduction="sum").double()
+            total[1] += (labels != -100).sum()
+        d.all_reduce_sum(total)
+        if total[1] == 0:
+            return {}
+        loss = float(total[0] / total[1])
+        return {"val_loss": round(loss, 6), "val_ppl": round(math.exp(min(loss, 50.0)), 4)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._buffer = []
+
+
+def _params_of(cfg: SFTConfig) -> dict[str, Any]:
+    p = asdict(cfg)
+    p.pop("force")
+    for k, v in p.items():
+        if isinstance(v, Path):
+            p[k] = str(v)
+        elif isinstance(v, list):
+            p[k] = [str(x) for x in v]
+    return p
+
+
+def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
+
+
+def run(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune (or resume) and publish the run; return its manifest."""
+    from ..artifacts import require_artifact
+
+    require_artifact(cfg.base, BASE_STAGES)
+    if not cfg.data:
+        raise UsageError("no training data given; pass .json or .jsonl instruction files")
+    if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {cfg.val_fraction}: give a fraction in [0, 1)")
+    if cfg.micro_batch < 1:
+        raise UsageError("--micro-batch must be ≥ 1")
+    if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_steps or cfg.max_tokens or cfg.time_budget)):
+        raise UsageError("--epochs must be > 0 (or 0 with --max-steps, --max-tokens or --time-budget)")
+    base_cfg = read_run_config(cfg.base)
+    mcfg = ModelConfig.from_dict(base_cfg["model"])
+    tok_path = Path(cfg.base) / TOKENIZER
+    tok = load_tokenizer(tok_path)
+    missing = [r for r in ("system", "user", "assistant", "end") if r not in tok.role_ids]
+    if missing:
+        raise UsageError(f"{tok_path}: the tokenizer has no chat role markers ({', '.join(missing)}); retrain it with llmctl tokenize train")
+    cfg.seq_len = int(cfg.seq_len or mcfg.max_seq_len)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the base model's context {mcfg.max_seq_len}; use ≤ {mcfg.max_seq_len}")
+
+    bad: dict[str, int] = {}
+    convs = load_conversations(cfg.data, bad)
+    if cfg.val:
+        val_bad: dict[str, int] = {}
+        train_convs, val_convs = convs, load_conversations(cfg.val, val_bad)
+        bad = _merge_counts(bad, {f"val_{k}": v for k, v in val_bad.items()})
+    else:
+        train_convs, val_convs = split_val(convs, cfg.val_fraction)
+    train, trunc_train = tokenize_examples(tok, train_convs, cfg.seq_len, bad)
+    val, trunc_val = tokenize_examples(tok, val_convs, cfg.seq_len, bad)
+    if not train:
+        reasons = ", ".join(f"{k} {v}" for k, v in bad.items()) or "the files hold no records"
+        raise UsageError(f"no usable training examples in {', '.join(map(str, cfg.data))} ({reasons}); check the data layout")
+
+    device = resolve_device(cfg.device)
+    dist_ctx = init_distributed(device.type)
+    try:
+        world = dist_ctx.world_size
+        rows_per_micro = cfg.micro_batch * world
+        global_rows = cfg.global_batch or rows_per_micro
+        if global_rows % rows_per_micro:
+            raise UsageError(
+                f"--global-batch {global_rows} rows is not a multiple of --micro-batch {cfg.micro_batch} × {world} ranks; "
+                f"use a multiple of {rows_per_micro}"
+            )
+        accum = global_rows // rows_per_micro
+        objective = SFTObjective(train, val, cfg, tok.pad_id, global_rows)
+        if not cfg.max_steps and cfg.epochs > 0:  # --time-budget / --max-tokens may still stop it earlier
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * len(objective.rows) / global_rows))
+        precision = resolve_precision(cfg.precision, device)
+        est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
+        check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
+
+        params = _params_of(cfg)
+        inputs = [Path(cfg.base), *cfg.data, *cfg.val]
+        if dist_ctx.is_main:
+            stage = StageRun.open(cfg.out, STAGE, params, inputs, force=cfg.force)
+            shared = [stage.done, str(stage.work), stage.manifest]
+        else:
+            stage, shared = None, [None, None, None]
+        if dist_ctx.enabled:
+            import torch.distributed as tdist
+
+            tdist.broadcast_object_list(shared, src=0)
+        done, work, manifest = bool(shared[0]), Path(shared[1]), shared[2]
+        if done:
+            if dist_ctx.is_main:
+                console.print(f"sft: {cfg.out} is already complete (same options and data); nothing to do")
+            return manifest
+
+        torch.manual_seed(cfg.seed)
+        model = Transformer(mcfg)
+        load_weights(model, Path(cfg.base) / WEIGHTS)
+        fpt = mcfg.flops_per_token(cfg.seq_len)
+        packed_tokens = sum(len(e.inputs) for e in train)
+        fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
+        if dist_ctx.is_main:
+            console.print(
+                f"sft: {len(train):,} train / {len(val):,} val examples from {len(convs):,} conversations "
+                f"({sum(bad.values()):,} records skipped); {len(objective.rows):,} rows of ≤ {cfg.seq_len} tokens"
+                + (f" (packed, {fill:.0%} full)" if fill is not None else "")
+                + f"; global batch {global_rows} rows = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
+            )
+            write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params, "base": str(Path(cfg.base).resolve())})
+        trainer = Trainer(
+            model, objective, cfg.loop_config(), work, accum_steps=accum, flops_per_token=fpt,
+            dist_ctx=dist_ctx, title="sft",
+        )
+        result = trainer.fit()
+        if not dist_ctx.is_main:
+            return {}
+        save_weights(model, work / WEIGHTS)
+        shutil.copyfile(tok_path, work / TOKENIZER)
+        final = result.pop("final_eval") or {}
+        stats = {
+            "train_examples": len(train),
+            "val_examples": len(val),
+            "train_target_tokens": sum(e.n_targets for e in train),
+            "truncated": trunc_train + trunc_val,
+            "skipped": bad,
+            "rows": len(objective.rows),
+            "packing_fill": None if fill is None else round(fill, 4),
+            "epochs": round(objective.epochs(result["steps"]), 4),
+            "global_batch_rows": global_rows,
+            "accum_steps": accum,
+            "world_size": world,
+            "final_val_loss": final.get("val_loss"),
+            "final_val_ppl": final.get("val_ppl"),
+            **result,
+        }
+        assert (work / METRICS).is_file() and (work / PLOT).is_file()
+        return stage.finish(stats)
+    finally:
+        dist_ctx.close()
