@@ -11,6 +11,7 @@ import torch
 from modelkit import EXTRA_TEXT, PROMPTS, make_run
 from safetensors import safe_open
 
+from llmctl.chat import render_message, render_prompt
 from llmctl.errors import UsageError
 from llmctl.model.generate import GenerateConfig, generate, run_generate
 from llmctl.model.hf import ExportConfig, HFTokenizer, build_hf_tokenizer, export_hf, load_hf
@@ -114,6 +115,13 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     assert tok.sp.piece_to_id("<|user|>") in chat and tok.sp.piece_to_id("<|assistant|>") in chat
     assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
     assert hf_tok.pad_token_id == tok.pad_id
+    # the chat format travels with the export: apply_chat_template renders what sft trained on
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == render_prompt(msgs)
+    assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(render_prompt(msgs))]
+    assert hf_tok.apply_chat_template(msgs[:3], tokenize=False) == "".join(render_message(**m) for m in msgs[:3])
 
     assert isinstance(load_hf(hf_dir)[1], Tokenizer)  # our export: the run's own model
     c = json.loads((hf_dir / "config.json").read_text())

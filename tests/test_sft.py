@@ -19,6 +19,7 @@ from modelkit import make_run
 from llmctl.chat import BadRecord, encode_chat, render_prompt, to_messages, user_prompt
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.generate import GenerateConfig, run_generate
+from llmctl.model.hf import ExportConfig, export_hf
 from llmctl.model.transformer import lm_loss
 from llmctl.train.distributed import DistContext
 from llmctl.train.loop import LoopConfig, TrainContext
@@ -221,6 +222,16 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     # the run is a model run: generate's chat mode renders the prompt and stops at the reply's end
     done, _, _ = run_generate(GenerateConfig(run=str(out), prompt="What is the secret word?", chat=True, temperature=0, max_new_tokens=20, device="cpu"))
     assert (done[0].text, done[0].finish_reason) == ("swordfish", "stop")
+    # exported, it answers the same through transformers' own chat template and generate
+    import transformers
+
+    export_hf(ExportConfig(run=out, out=tmp_path / "hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "What is the secret word?"}], tokenize=False, add_generation_prompt=True)
+    ids = hf_tok(chat, return_tensors="pt")["input_ids"]
+    gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids("<|end|>"))
+    assert hf_tok.decode(gen[0, ids.shape[1] :]) == "swordfish<|end|>"
     # same options and data: nothing to redo
     assert cli("sft", *args) == 0
 

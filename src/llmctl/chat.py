@@ -55,6 +55,22 @@ def user_prompt(text: str, system: str | None = None) -> str:
     return render_prompt(msgs)
 
 
+def hf_chat_template() -> str:
+    """The chat format as a Jinja template for transformers' ``apply_chat_template`` (written into
+    an export's tokenizer_config.json): with ``add_generation_prompt`` it renders exactly
+    ``render_prompt``. It has no BOS: the exported tokenizer adds BOS when it encodes, and it reads
+    special-token text such as "<s>" as plain text, as sentencepiece does."""
+    opens = "".join(
+        f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{ROLE_MARKERS[r]}" for i, r in enumerate(ROLES)
+    )
+    return (
+        "{% for message in messages %}" + opens
+        + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+        + "{{ message['content'] }}" + ROLE_MARKERS["end"] + "{% endfor %}"
+        + "{% if add_generation_prompt %}" + ROLE_MARKERS["assistant"] + "{% endif %}"
+    )
+
+
 def _text(v: Any, reason: str) -> str:
     if not isinstance(v, str):
         raise BadRecord(reason)

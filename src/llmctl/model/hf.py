@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import MANIFEST, StageRun, read_manifest, write_json_atomic
+from ..chat import hf_chat_template
 from ..console import console
 from ..errors import StageError, UsageError
-from ..tokenizer import Tokenizer
+from ..tokenizer import ROLE_MARKERS, Tokenizer
 from .config import ModelConfig
 from .generate import TextTokenizer
 from .io import CONFIG, RUN_STAGES, TOKENIZER, WEIGHTS, load_model
@@ -198,6 +199,11 @@ def build_hf_tokenizer(spm_path: Path) -> Any:
 
 
 # -- weights -----------------------------------------------------------------------------------
+def _has_role_markers(sp: Any) -> bool:
+    user = {p for p, _, t in sp.pieces if t == USER_DEFINED}
+    return set(ROLE_MARKERS.values()) <= user
+
+
 def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Our parameter names → transformers' (``model.`` prefix on the decoder, ``lm_head`` outside)."""
     state = {}
@@ -328,6 +334,8 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
                 # sentencepiece never reads "<s>" in text as BOS: neither does this tokenizer
                 "split_special_tokens": True,
                 "padding_side": "left",
+                # llmctl's chat format (chat.py), when the tokenizer has its role markers
+                **({"chat_template": hf_chat_template()} if _has_role_markers(sp) else {}),
             },
         )
         write_json_atomic(w / "special_tokens_map.json", special)
