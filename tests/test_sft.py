@@ -17,10 +17,14 @@ from conftest import cli
 from modelkit import make_run
 
 from llmctl.chat import BadRecord, encode_chat, render_prompt, to_messages, user_prompt
+from llmctl.eval import generation_mc
+from llmctl.eval.tasks import MCItem
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.generate import GenerateConfig, run_generate
 from llmctl.model.hf import ExportConfig, export_hf
+from llmctl.model.io import load_model
 from llmctl.model.transformer import lm_loss
+from llmctl.tokenizer import load_tokenizer
 from llmctl.train.distributed import DistContext
 from llmctl.train.loop import LoopConfig, TrainContext
 from llmctl.train.sft import SFTConfig, SFTObjective, collate, load_conversations, pack, tokenize_examples
@@ -80,18 +84,19 @@ def test_record_layouts_and_bad_records_counted(shared_data, tmp_path):
     assert [m[0]["content"] for m in to_messages(two)] == ["Add.\n\n1 2", "Add."]
 
     f = tmp_path / "mixed.jsonl"
-    f.write_text("\n".join([
+    f.write_bytes(b"\xff\xfe not utf-8\n" + "\n".join([
         json.dumps({"prompt": "2+2?", "completion": "4"}),
         "{not json",
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
         json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
         json.dumps({"text": "plain pretraining text"}),
         json.dumps([1, 2]),
-    ]) + "\n", encoding="utf-8")
+    ]).encode() + b"\n")
     bad = {}
     convs = load_conversations([f], bad)
     assert convs == [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
-    assert bad == {"bad_json": 1, "no_assistant_reply": 1, "unknown_role": 1, "unknown_layout": 1, "not_an_object": 1}
+    assert bad == {"bad_json": 1, "no_assistant_reply": 1, "unknown_role": 1, "unknown_layout": 1, "not_an_object": 1,
+                   "not_utf8": 1}
     with pytest.raises(BadRecord):
         list(to_messages({"instruction": "x", "output": 3}))
 
@@ -197,8 +202,10 @@ def base_run(tmp_path, spm_model) -> Path:
 
 
 def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, one_thread):
+    question = MCItem("q", "Which one is a colour?", ["dog", "blue", "seven"], gold=1)
     data = tmp_path / "chat.jsonl"
     rows = [
+        {"prompt": question.question_with_letters(), "completion": "B"},
         {"messages": [{"role": "user", "content": "What is the secret word?"}, {"role": "assistant", "content": "swordfish"}]},
         {"instruction": "Name a colour.", "input": "", "output": "blue"},
         {"prompt": "Say hello.", "completion": "hello"},
@@ -214,14 +221,20 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     m = json.loads((out / "manifest.json").read_text())
     s = m["stats"]
     assert m["stage"] == "sft"
-    assert (s["train_examples"], s["val_examples"], s["skipped"], s["steps"]) == (5, 1, {"bad_json": 1}, 60)
-    assert s["rows"] == 1 and s["packing_fill"] < 1  # five short examples fit one 128-token row
+    assert (s["train_examples"], s["val_examples"], s["skipped"], s["steps"]) == (6, 1, {"bad_json": 1}, 60)
+    assert s["rows"] <= 2 and s["packing_fill"] > 0.5  # six short examples share 128-token rows
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert s["final_val_loss"] < 0.1 < first
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model", "metrics.jsonl", "loss.png"}
     # the run is a model run: generate's chat mode renders the prompt and stops at the reply's end
     done, _, _ = run_generate(GenerateConfig(run=str(out), prompt="What is the secret word?", chat=True, temperature=0, max_new_tokens=20, device="cpu"))
     assert (done[0].text, done[0].finish_reason) == ("swordfish", "stop")
+    # eval's generation protocol in chat mode reads the letter the model was taught to write
+    model, _ = load_model(out)
+    (got,) = generation_mc.select_by_generation(
+        model, load_tokenizer(out / "tokenizer.model"), [generation_mc.build_prompt(question, [], chat=True)], [3],
+        add_bos=True, chat=True)
+    assert (got.output, got.pred) == ("B", 1)
     # exported, it answers the same through transformers' own chat template and generate
     import transformers
 
@@ -256,6 +269,8 @@ def test_cli_sft_bad_input(base_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     code, err = run("generate", base_run, "--prompt", "x", "--system", "s")
     assert code == 2 and "--system needs --chat" in err
+    code, err = run("eval", base_run, "--task", f"jsonl:{good}", "--chat", "--protocol", "likelihood", "--out", tmp_path / "e")
+    assert code == 2 and "--chat applies to the generation protocol" in err
 
 
 def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread):

@@ -33,6 +33,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot draw.")] = 1234,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Score only the first N items of each task; 0 = all.")] = 0,
     bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prefix contexts and prompts with BOS (lm-eval's default is no).")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Generation protocol: each prompt is a user turn of the chat format (BOS first; for sft runs).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated for a letter answer.")] = 4,
     contamination: Annotated[
         Path | None, typer.Option("--contamination", help="Training artifact (docs, tokens, Parquet, text) to check n-gram overlap against.")
@@ -59,7 +60,7 @@ def eval_cmd(
 
     cfg = EvalConfig(
         model=str(model), tasks=list(task), out=str(out), protocol=protocol, num_fewshot=num_fewshot, seed=seed,
-        limit=limit, bos=bos, max_new_tokens=max_new_tokens,
+        limit=limit, bos=bos, chat=chat, max_new_tokens=max_new_tokens,
         contamination=str(contamination) if contamination else None, ngram=ngram, decontaminate=decontaminate,
         batch_tokens=batch_tokens, device=device, threads=threads, force=force,
     )

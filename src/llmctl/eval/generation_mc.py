@@ -5,6 +5,10 @@ decodes greedily a few tokens, and the answer is read strictly: after optional w
 capital letter among the options' letters, followed by the end of the text, whitespace or one of
 ``. , : ; ) ]``. Anything else ("The answer is B", "E", "b") is unparseable: counted, and wrong.
 The lecture's point is that this protocol and likelihood scoring give different numbers.
+
+With ``chat`` (a fine-tuned model) the whole prompt, shots included, is one user turn of llmctl's
+chat format, BOS first, and the reply ends at ``<|end|>``, as lm-eval's ``--apply_chat_template``
+does with a model's own template.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..chat import user_prompt
 from ..model.generate import encode_prompt, generate
 from ..model.transformer import Transformer
+from ..tokenizer import ROLE_MARKERS
 from .tasks import LETTERS, MCItem
 
 _ANSWER = re.compile(r"\s*([A-Z])(?:$|[\s.,:;)\]])")
@@ -38,9 +44,10 @@ class GenResult:
         return self.pred is not None
 
 
-def build_prompt(item: MCItem, shots: list[MCItem]) -> str:
+def build_prompt(item: MCItem, shots: list[MCItem], chat: bool = False) -> str:
     parts = [s.question_with_letters() + " " + s.gold_letter() for s in shots]
-    return item.description + "".join(p + "\n\n" for p in parts) + item.question_with_letters()
+    text = item.description + "".join(p + "\n\n" for p in parts) + item.question_with_letters()
+    return user_prompt(text) if chat else text
 
 
 def fits(model: Transformer, tok, prompt: str, add_bos: bool, max_new_tokens: int) -> bool:
@@ -49,10 +56,11 @@ def fits(model: Transformer, tok, prompt: str, add_bos: bool, max_new_tokens: in
 
 def select_by_generation(
     model: Transformer, tok, prompts: list[str], n_choices: list[int], add_bos: bool, max_new_tokens: int = 4,
-    batch_size: int = 16,
+    batch_size: int = 16, chat: bool = False,
 ) -> list[GenResult]:
+    stop = ("\n", ROLE_MARKERS["end"]) if chat else ("\n",)
     outs = generate(
-        model, tok, prompts, temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",), add_bos=add_bos,
+        model, tok, prompts, temperature=0.0, max_new_tokens=max_new_tokens, stop=stop, add_bos=add_bos,
         batch_size=batch_size,
     )
     return [GenResult(o.text, parse_letter(o.text, n)) for o, n in zip(outs, n_choices, strict=True)]

@@ -38,6 +38,7 @@ class EvalConfig:
     seed: int = 1234
     limit: int = 0
     bos: bool = False
+    chat: bool = False  # generation prompts as a user turn of the chat format (sft models)
     max_new_tokens: int = 4
     contamination: str | None = None
     ngram: int = 13
@@ -63,6 +64,8 @@ def _check(cfg: EvalConfig) -> None:
         raise UsageError("no --task given; e.g. --task mmlu:../shared/data/eval/mmlu-dev")
     if cfg.num_fewshot < 0 or cfg.limit < 0 or cfg.max_new_tokens < 1 or cfg.batch_tokens < 1:
         raise UsageError("--num-fewshot and --limit must be ≥ 0, --max-new-tokens and --batch-tokens ≥ 1")
+    if cfg.chat and cfg.protocol == "likelihood":
+        raise UsageError("--chat applies to the generation protocol; use --protocol generation or both")
     if cfg.decontaminate and not cfg.contamination:
         raise UsageError("--decontaminate needs --contamination TRAINING_ARTIFACT")
     for t in cfg.tasks:
@@ -168,7 +171,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
     return {
-        "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos,
+        "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos, "chat": cfg.chat,
         "limit": cfg.limit, "ngram": cfg.ngram, "decontaminate": cfg.decontaminate,
         "contamination": cfg.contamination, "max_new_tokens": cfg.max_new_tokens,
     }
@@ -231,8 +234,8 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
                 reqs.append(req)
                 req_rows.append(i)
         if gen:
-            prompt = generation_mc.build_prompt(it, shots)
-            if generation_mc.fits(model, tok, prompt, cfg.bos, cfg.max_new_tokens):
+            prompt = generation_mc.build_prompt(it, shots, chat=cfg.chat)
+            if generation_mc.fits(model, tok, prompt, cfg.bos or cfg.chat, cfg.max_new_tokens):
                 prompts.append(prompt)
                 prompt_rows.append(i)
             else:
@@ -258,7 +261,7 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
             for b in range(0, len(prompts), 16):
                 outs += generation_mc.select_by_generation(
                     model, tok, prompts[b : b + 16], [len(items[i].choices) for i in prompt_rows[b : b + 16]],
-                    cfg.bos, cfg.max_new_tokens)
+                    cfg.bos or cfg.chat, cfg.max_new_tokens, chat=cfg.chat)
                 bar.advance(job, len(prompts[b : b + 16]))
         correct = []
         for i, g in zip(prompt_rows, outs, strict=True):

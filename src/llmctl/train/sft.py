@@ -31,7 +31,7 @@ import gzip
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,40 +76,41 @@ class SFTConfig(LoopConfig):
     force: bool = False
 
     def loop_config(self) -> LoopConfig:
-        from dataclasses import fields
-
         return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
 
 # --- data ---------------------------------------------------------------------------------------
 def _read_records(path: Path, bad: dict[str, int]) -> list[Any]:
-    """The JSON records of a .json (one array) or .jsonl file (.gz too); bad lines are counted."""
+    """The JSON records of a .json (one array) or .jsonl file (.gz too). In JSON Lines a line that
+    is not UTF-8 or not JSON is counted and skipped; a .json file is one document, so it must parse."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file; pass .json or .jsonl instruction data")
     name = path.name.lower().removesuffix(".gz")
+    if not name.endswith((".json", ".jsonl", ".ndjson")):
+        raise UsageError(f"{path}: unknown data file type; pass .json (an array) or .jsonl files")
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rb") as f:
             if name.endswith(".json"):
                 try:
-                    data = json.load(f)
-                except ValueError as e:
+                    data = json.loads(f.read())
+                except ValueError as e:  # UnicodeDecodeError is a ValueError too
                     raise UsageError(f"{path}: not valid JSON ({e}); fix the file or pass JSON Lines as .jsonl") from e
                 if not isinstance(data, list):
                     raise UsageError(f"{path}: a .json data file must hold one array of examples")
                 return data
-            if not (name.endswith(".jsonl") or name.endswith(".ndjson")):
-                raise UsageError(f"{path}: unknown data file type; pass .json (an array) or .jsonl files")
             records = []
-            for line in f:
-                if not line.strip():
+            for raw in f:
+                if not raw.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    bad["not_utf8"] = bad.get("not_utf8", 0) + 1
                 except ValueError:
                     bad["bad_json"] = bad.get("bad_json", 0) + 1
             return records
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError) as e:
         raise UsageError(f"{path}: unreadable ({e}); check the file") from e
 
 
