@@ -4,7 +4,8 @@ Renders a few dozen standard-library modules' documentation to HTML with pydoc, 
 127.0.0.1, and runs every stage on it: crawl, extract, filter, dedup, tokenizer training and
 encoding, a short pretraining run, sampling, export to transformers, perplexity on the
 documentation of modules the site does not contain, and a short supervised fine-tuning run on
-questions about the site's functions (answered by their docstrings' first lines), then chat. It prints where each artifact is. Every step is a stage run
+questions about the site's functions (answered by their docstrings' first lines), chat, and DPO
+on pairs that prefer each docstring line over its words in reverse order. It prints where each artifact is. Every step is a stage run
 whose rerun is a no-op, so running the demo again takes seconds. Later stages append a Step to
 STEPS (a name, the artifact it writes, and a function building the llmctl arguments).
 """
@@ -90,6 +91,26 @@ def instruction_data(ctx: Context) -> str:
     return str(path)
 
 
+def preference_data(ctx: Context) -> str:
+    """Write (once) preference pairs from the instruction data and return the path: each question's
+    docstring line is chosen over the same words in reverse order (rejected), a preference for
+    well-formed text that held-out questions can show too."""
+    path = ctx.out / "dpo-data.jsonl"
+    if not path.exists():
+        import json
+
+        rows = [json.loads(line) for line in open(instruction_data(ctx), encoding="utf-8")]
+        pairs = [
+            {"prompt": r["instruction"], "chosen": r["output"], "rejected": " ".join(reversed(r["output"].split()))}
+            for r in rows
+            if len(r["output"].split()) > 2
+        ]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
+
+
 def chat_prompts(ctx: Context) -> str:
     path = ctx.out / "chat-prompts.txt"
     if not path.exists():
@@ -165,6 +186,14 @@ STEPS: list[Step] = [
         lambda ctx: [
             "generate", str(ctx.artifacts["sft"]), "--chat", "--prompts", chat_prompts(ctx), "--max-new-tokens", "48",
             "--temperature", "0",
+        ],
+    ),
+    Step(
+        "dpo",
+        "dpo",
+        lambda ctx: [
+            "dpo", str(ctx.artifacts["sft"]), preference_data(ctx), "--epochs", "2", "--lr", "1e-4",
+            "--micro-batch", "8", "--time-budget", "60",
         ],
     ),
 ]

@@ -20,6 +20,7 @@ Training examples come from the common instruction-data layouts, mapped to messa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,22 @@ def _pair(system: str | None, user: str, reply: Any) -> list[Message]:
     return head + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
+def _messages(raw: Any) -> list[Message]:
+    """A list of ``{"role", "content"}`` (or ShareGPT ``{"from", "value"}``) objects as messages."""
+    if not isinstance(raw, list) or not raw:
+        raise BadRecord("messages_not_a_list")
+    msgs: list[Message] = []
+    for m in raw:
+        if not isinstance(m, dict):
+            raise BadRecord("message_not_an_object")
+        role = m.get("role", m.get("from"))
+        role = _SHAREGPT_ROLES.get(role) if isinstance(role, str) else None
+        if role is None:
+            raise BadRecord("unknown_role")
+        msgs.append({"role": role, "content": _text(m.get("content", m.get("value")), "content_not_text")})
+    return msgs
+
+
 def to_messages(rec: Any) -> Iterator[list[Message]]:
     """The conversations in one record (raises ``BadRecord`` naming why there are none)."""
     if not isinstance(rec, dict):
@@ -101,18 +118,7 @@ def to_messages(rec: Any) -> Iterator[list[Message]]:
     if system is not None:
         system = _text(system, "system_not_text") or None
     if "messages" in rec or "conversations" in rec:
-        raw = rec.get("messages", rec.get("conversations"))
-        if not isinstance(raw, list) or not raw:
-            raise BadRecord("messages_not_a_list")
-        msgs: list[Message] = [{"role": "system", "content": system}] if system else []
-        for m in raw:
-            if not isinstance(m, dict):
-                raise BadRecord("message_not_an_object")
-            role = m.get("role", m.get("from"))
-            role = _SHAREGPT_ROLES.get(role) if isinstance(role, str) else None
-            if role is None:
-                raise BadRecord("unknown_role")
-            msgs.append({"role": role, "content": _text(m.get("content", m.get("value")), "content_not_text")})
+        msgs = ([{"role": "system", "content": system}] if system else []) + _messages(rec.get("messages", rec.get("conversations")))
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             raise BadRecord("no_assistant_reply")
         yield msgs
@@ -135,6 +141,53 @@ def to_messages(rec: Any) -> Iterator[list[Message]]:
         raise BadRecord("unknown_layout")
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def parse_hh(text: str) -> list[Message]:
+    """Anthropic HH-RLHF's "\\n\\nHuman: … \\n\\nAssistant: …" dialogue as messages."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise BadRecord("not_a_dialogue")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def _reply(v: Any) -> Message:
+    if isinstance(v, str):
+        return {"role": "assistant", "content": v}
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant":
+        return {"role": "assistant", "content": _text(v[0].get("content"), "content_not_text")}
+    raise BadRecord("reply_not_text")
+
+
+def to_preference(rec: Any) -> tuple[list[Message], Message, Message]:
+    """(prompt messages, chosen reply, rejected reply) of one preference record: HH-RLHF's two full
+    dialogues that differ in the last assistant turn, or ``{"prompt", "chosen", "rejected"}`` with a
+    prompt given as text (one user turn) or messages, and replies as text or one assistant message."""
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise BadRecord("unknown_layout")
+    if "prompt" in rec:
+        p = rec["prompt"]
+        prompt: list[Message] = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p)
+        if not any(m["content"].strip() for m in prompt):
+            raise BadRecord("empty_prompt")
+        chosen, rejected = _reply(rec["chosen"]), _reply(rec["rejected"])
+    else:
+        c = parse_hh(_text(rec["chosen"], "reply_not_text"))
+        r = parse_hh(_text(rec["rejected"], "reply_not_text"))
+        if c[:-1] != r[:-1]:
+            raise BadRecord("prompts_differ")
+        prompt, chosen, rejected = c[:-1], c[-1], r[-1]
+        if chosen["role"] != "assistant" or rejected["role"] != "assistant" or not prompt:
+            raise BadRecord("no_assistant_reply")
+    if not chosen["content"].strip() or not rejected["content"].strip():
+        raise BadRecord("empty_output")
+    if chosen["content"] == rejected["content"]:
+        raise BadRecord("same_replies")
+    return prompt, chosen, rejected
+
+
 @dataclass
 class ChatTokens:
     """One example's token ids and, per id, whether the model is trained to produce it."""
@@ -147,30 +200,49 @@ class ChatTokens:
         return self.ids[:-1], [t if w else -100 for t, w in zip(self.ids[1:], self.trained[1:], strict=True)]
 
 
-def encode_chat(tok: Any, messages: Sequence[Message]) -> ChatTokens:
-    """BOS + the rendered conversation + EOS, with every assistant reply (its ``<|end|>`` and the
-    final EOS included) marked as trained and everything else (system, user, the role markers that
-    open a reply) not. Raises ``BadRecord("prefix_mismatch")`` if a prompt's ids are not a prefix
-    of the whole conversation's ids."""
-    ids: list[int] = [tok.bos_id]
-    trained: list[bool] = [False]
-    text = ""
-    for m in messages:
-        if m["role"] == "assistant":
-            opener = ROLE_MARKERS["assistant"]
-            reply = m["content"] + ROLE_MARKERS["end"]
-            head, body = tok.encode(opener), tok.encode(reply)
-            ids += head + body
-            trained += [False] * len(head) + [True] * len(body)
-            text += opener + reply
+def _pieces(messages: Sequence[Message], last_only: bool) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) pieces that each start or end at a role marker."""
+    out = []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and (not last_only or k == len(messages) - 1):
+            out += [(ROLE_MARKERS["assistant"], False), (m["content"] + ROLE_MARKERS["end"], True)]
         else:
-            piece = render_message(m["role"], m["content"])
-            part = tok.encode(piece)
-            ids += part
-            trained += [False] * len(part)
-            text += piece
-    ids.append(tok.eos_id)
-    trained.append(messages[-1]["role"] == "assistant")
-    if tok.encode(text) != ids[1:-1]:
-        raise BadRecord("prefix_mismatch")
-    return ChatTokens(ids, trained)
+            out.append((render_message(m["role"], m["content"]), False))
+    return out
+
+
+def encode_chats(tok: Any, conversations: Sequence[Sequence[Message]], last_only: bool = False) -> list[ChatTokens | BadRecord]:
+    """``encode_chat`` of many conversations in one batched, multi-threaded tokenizer call; a
+    conversation that fails the prefix check gives a ``BadRecord`` in its place."""
+    plans, texts = [], []
+    for msgs in conversations:
+        pieces = _pieces(msgs, last_only)
+        plans.append((len(texts), pieces, msgs[-1]["role"] == "assistant"))
+        texts += [t for t, _ in pieces] + ["".join(t for t, _ in pieces)]
+    encoded = tok.encode(texts) if texts else []
+    out: list[ChatTokens | BadRecord] = []
+    for start, pieces, ends_with_reply in plans:
+        ids: list[int] = [tok.bos_id]
+        trained: list[bool] = [False]
+        for j, (_, w) in enumerate(pieces):
+            ids += encoded[start + j]
+            trained += [w] * len(encoded[start + j])
+        # the prompt's ids must be a prefix of the whole conversation's (REFERENCE.md, SFT)
+        if encoded[start + len(pieces)] != ids[1:]:
+            out.append(BadRecord("prefix_mismatch"))
+            continue
+        ids.append(tok.eos_id)
+        trained.append(ends_with_reply)
+        out.append(ChatTokens(ids, trained))
+    return out
+
+
+def encode_chat(tok: Any, messages: Sequence[Message], last_only: bool = False) -> ChatTokens:
+    """BOS + the rendered conversation + EOS, with every assistant reply (its ``<|end|>`` and the
+    final EOS included; with ``last_only`` only the last message's) marked as trained and everything
+    else (system, user, the role markers that open a reply) not. Raises
+    ``BadRecord("prefix_mismatch")`` if a prompt's ids are not a prefix of the whole conversation's ids."""
+    (got,) = encode_chats(tok, [messages], last_only)
+    if isinstance(got, BadRecord):
+        raise got
+    return got

@@ -27,32 +27,35 @@ same side). ``val_loss`` is the mean nats per target token over the whole val sp
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..artifacts import StageRun, write_json_atomic
-from ..chat import BadRecord, ChatTokens, encode_chat, render_prompt, to_messages
+from ..chat import BadRecord, encode_chats, render_prompt, to_messages
 from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
-from ..model.config import ModelConfig
-from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_weights
-from ..model.transformer import Transformer, lm_loss
-from ..tokenizer import _unit, load_tokenizer
+from ..model.transformer import lm_loss
+from ..tokenizer import _unit
 from .distributed import init_distributed
-from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
+from .finetune import (
+    EpochOrder,
+    base_model,
+    count,
+    load_base,
+    open_run,
+    params_of,
+    publish,
+    read_records,
+    write_config,
+)
+from .loop import LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 
 STAGE = "sft"
-#: base runs sft starts from (an sft run can be fine-tuned again)
-BASE_STAGES = ("pretrain", "sft")
 
 
 @dataclass
@@ -80,49 +83,15 @@ class SFTConfig(LoopConfig):
 
 
 # --- data ---------------------------------------------------------------------------------------
-def _read_records(path: Path, bad: dict[str, int]) -> list[Any]:
-    """The JSON records of a .json (one array) or .jsonl file (.gz too). In JSON Lines a line that
-    is not UTF-8 or not JSON is counted and skipped; a .json file is one document, so it must parse."""
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file; pass .json or .jsonl instruction data")
-    name = path.name.lower().removesuffix(".gz")
-    if not name.endswith((".json", ".jsonl", ".ndjson")):
-        raise UsageError(f"{path}: unknown data file type; pass .json (an array) or .jsonl files")
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            if name.endswith(".json"):
-                try:
-                    data = json.loads(f.read())
-                except ValueError as e:  # UnicodeDecodeError is a ValueError too
-                    raise UsageError(f"{path}: not valid JSON ({e}); fix the file or pass JSON Lines as .jsonl") from e
-                if not isinstance(data, list):
-                    raise UsageError(f"{path}: a .json data file must hold one array of examples")
-                return data
-            records = []
-            for raw in f:
-                if not raw.strip():
-                    continue
-                try:
-                    records.append(json.loads(raw.decode("utf-8")))
-                except UnicodeDecodeError:
-                    bad["not_utf8"] = bad.get("not_utf8", 0) + 1
-                except ValueError:
-                    bad["bad_json"] = bad.get("bad_json", 0) + 1
-            return records
-    except (OSError, EOFError) as e:
-        raise UsageError(f"{path}: unreadable ({e}); check the file") from e
-
-
 def load_conversations(paths: list[Path], bad: dict[str, int]) -> list[list[dict[str, str]]]:
     """Every conversation in the files, in order; records that are not one are counted by reason."""
     out = []
     for p in paths:
-        for rec in _read_records(Path(p), bad):
+        for rec in read_records(Path(p), bad):
             try:
                 out.extend(to_messages(rec))
             except BadRecord as e:
-                bad[e.reason] = bad.get(e.reason, 0) + 1
+                count(bad, e.reason)
     return out
 
 
@@ -139,11 +108,9 @@ class Example:
 def tokenize_examples(tok: Any, convs: list[list[dict[str, str]]], seq_len: int, bad: dict[str, int]) -> tuple[list[Example], int]:
     """(examples, how many were truncated to ``seq_len``); failures are counted in ``bad``."""
     out, truncated = [], 0
-    for msgs in convs:
-        try:
-            ct: ChatTokens = encode_chat(tok, msgs)
-        except BadRecord as e:
-            bad[e.reason] = bad.get(e.reason, 0) + 1
+    for ct in encode_chats(tok, convs):
+        if isinstance(ct, BadRecord):
+            count(bad, ct.reason)
             continue
         inputs, targets = ct.targets()
         if len(inputs) > seq_len:
@@ -151,7 +118,7 @@ def tokenize_examples(tok: Any, convs: list[list[dict[str, str]]], seq_len: int,
             truncated += 1
         ex = Example(inputs, targets)
         if ex.n_targets == 0:
-            bad["prompt_too_long"] = bad.get("prompt_too_long", 0) + 1
+            count(bad, "prompt_too_long")
             continue
         out.append(ex)
     return out, truncated
@@ -234,18 +201,13 @@ class SFTObjective(Objective):
             self.rows = pack(lengths, int(cfg.seq_len), order)
         else:
             self.rows = [[i] for i in range(len(train))]
+        self.order = EpochOrder(len(self.rows), cfg.seed)
         self.step = 0  # optimizer steps drawn so far (the data position)
         self._buffer: list[dict[str, torch.Tensor]] = []
-        self._perm: tuple[int, list[int]] | None = None
 
     def _row(self, g: int) -> list[int]:
-        """The g-th row of the endless stream: epoch g // rows, in that epoch's seeded order."""
-        n = len(self.rows)
-        epoch, k = divmod(g, n)
-        if self._perm is None or self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(n, generator=gen).tolist())
-        return self.rows[self._perm[1][k]]
+        """The g-th row of the endless stream (epochs of the rows in seeded orders)."""
+        return self.rows[self.order[g]]
 
     def epochs(self, steps: int | None = None) -> float:
         steps = self.step if steps is None else steps
@@ -308,26 +270,12 @@ class SFTObjective(Objective):
         self._buffer = []
 
 
-def _params_of(cfg: SFTConfig) -> dict[str, Any]:
-    p = asdict(cfg)
-    p.pop("force")
-    for k, v in p.items():
-        if isinstance(v, Path):
-            p[k] = str(v)
-        elif isinstance(v, list):
-            p[k] = [str(x) for x in v]
-    return p
-
-
 def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
 
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune (or resume) and publish the run; return its manifest."""
-    from ..artifacts import require_artifact
-
-    require_artifact(cfg.base, BASE_STAGES)
     if not cfg.data:
         raise UsageError("no training data given; pass .json or .jsonl instruction files")
     if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:
@@ -336,13 +284,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         raise UsageError("--micro-batch must be ≥ 1")
     if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_steps or cfg.max_tokens or cfg.time_budget)):
         raise UsageError("--epochs must be > 0 (or 0 with --max-steps, --max-tokens or --time-budget)")
-    base_cfg = read_run_config(cfg.base)
-    mcfg = ModelConfig.from_dict(base_cfg["model"])
-    tok_path = Path(cfg.base) / TOKENIZER
-    tok = load_tokenizer(tok_path)
-    missing = [r for r in ("system", "user", "assistant", "end") if r not in tok.role_ids]
-    if missing:
-        raise UsageError(f"{tok_path}: the tokenizer has no chat role markers ({', '.join(missing)}); retrain it with llmctl tokenize train")
+    mcfg, tok_path, tok = load_base(cfg.base)
     cfg.seq_len = int(cfg.seq_len or mcfg.max_seq_len)
     if cfg.seq_len > mcfg.max_seq_len:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the base model's context {mcfg.max_seq_len}; use ≤ {mcfg.max_seq_len}")
@@ -380,26 +322,14 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
         check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
 
-        params = _params_of(cfg)
-        inputs = [Path(cfg.base), *cfg.data, *cfg.val]
-        if dist_ctx.is_main:
-            stage = StageRun.open(cfg.out, STAGE, params, inputs, force=cfg.force)
-            shared = [stage.done, str(stage.work), stage.manifest]
-        else:
-            stage, shared = None, [None, None, None]
-        if dist_ctx.enabled:
-            import torch.distributed as tdist
-
-            tdist.broadcast_object_list(shared, src=0)
-        done, work, manifest = bool(shared[0]), Path(shared[1]), shared[2]
+        params = params_of(cfg)
+        stage, done, work, manifest = open_run(cfg.out, STAGE, params, [Path(cfg.base), *cfg.data, *cfg.val], cfg.force, dist_ctx)
         if done:
             if dist_ctx.is_main:
                 console.print(f"sft: {cfg.out} is already complete (same options and data); nothing to do")
             return manifest
 
-        torch.manual_seed(cfg.seed)
-        model = Transformer(mcfg)
-        load_weights(model, Path(cfg.base) / WEIGHTS)
+        model = base_model(cfg.base, mcfg, cfg.seed)
         fpt = mcfg.flops_per_token(cfg.seq_len)
         packed_tokens = sum(len(e.inputs) for e in train)
         fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
@@ -410,18 +340,16 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                 + (f" (packed, {fill:.0%} full)" if fill is not None else "")
                 + f"; global batch {global_rows} rows = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
             )
-            write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params, "base": str(Path(cfg.base).resolve())})
+            write_config(work, mcfg, params, cfg.base)
         trainer = Trainer(
             model, objective, cfg.loop_config(), work, accum_steps=accum, flops_per_token=fpt,
             dist_ctx=dist_ctx, title="sft",
         )
         result = trainer.fit()
-        if not dist_ctx.is_main:
+        if stage is None:
             return {}
-        save_weights(model, work / WEIGHTS)
-        shutil.copyfile(tok_path, work / TOKENIZER)
         final = result.pop("final_eval") or {}
-        stats = {
+        return publish(stage, model, tok_path, {
             "train_examples": len(train),
             "val_examples": len(val),
             "train_target_tokens": sum(e.n_targets for e in train),
@@ -436,8 +364,6 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
             "final_val_loss": final.get("val_loss"),
             "final_val_ppl": final.get("val_ppl"),
             **result,
-        }
-        assert (work / METRICS).is_file() and (work / PLOT).is_file()
-        return stage.finish(stats)
+        })
     finally:
         dist_ctx.close()
