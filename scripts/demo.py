@@ -49,6 +49,13 @@ class Step:
 HELDOUT_MODULES = ("codecs", "hashlib", "io", "itertools", "os.path", "socket", "sqlite3", "zlib")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write a demo input whole or not at all (its existence means it is complete)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def heldout_text(ctx: Context) -> str:
     """Write (once) plain-text pydoc of HELDOUT_MODULES and return its path."""
     path = ctx.out / "heldout.txt"
@@ -56,9 +63,7 @@ def heldout_text(ctx: Context) -> str:
         import pydoc
 
         parts = [pydoc.plain(pydoc.render_doc(name)) for name in HELDOUT_MODULES]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n\n".join(parts), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "\n\n".join(parts))
     return str(path)
 
 
@@ -85,9 +90,7 @@ def instruction_data(ctx: Context) -> str:
                 doc = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ")
                 if 10 <= len(doc) <= 300:
                     rows.append({"instruction": f"What does {name}.{attr} do?", "output": doc})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
@@ -105,9 +108,7 @@ def preference_data(ctx: Context) -> str:
             for r in rows
             if len(r["output"].split()) > 2
         ]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(p) + "\n" for p in pairs))
     return str(path)
 
 

@@ -64,6 +64,11 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def or_na(v: object, fmt: str) -> str:
+    """``fmt.format(v)``, or "n/a" for a statistic a run did not produce (None)."""
+    return "n/a" if v is None else fmt.format(v)
+
+
 def summary(title: str, rows: Mapping[str, object] | list[tuple[str, object]]) -> None:
     """Print a two-column table at the end of a stage (to stdout, so it can be captured)."""
     table = Table(title=title, show_header=False, title_justify="left")

@@ -7,13 +7,33 @@ from typing import Annotated
 
 import typer
 
-from ..console import summary
+from ..console import or_na, summary
 from . import app
 from .common import ConfigOpt, ForceOpt, SeedOpt
-
-_D = "Data"
-_O = "Optimization"
-_S = "Stopping, eval and checkpoints"
+from .train_options import (
+    DATA,
+    OPT,
+    STOP,
+    CheckpointEveryOpt,
+    CompileOpt,
+    DeviceOpt,
+    EvalEveryOpt,
+    FinetuneMaxStepsOpt,
+    GradClipOpt,
+    KeepCheckpointsOpt,
+    LogEveryOpt,
+    LrOpt,
+    MaxTokensOpt,
+    MinLrOpt,
+    PrecisionOpt,
+    ScheduleOpt,
+    TimeBudgetOpt,
+    ValFractionOpt,
+    ValOpt,
+    WarmupOpt,
+    WeightDecayOpt,
+    config_from,
+)
 
 
 @app.command(
@@ -28,29 +48,29 @@ def sft_cmd(
     base: Annotated[Path, typer.Argument(help="Run to start from (llmctl pretrain or sft output).")],
     data: Annotated[list[Path], typer.Argument(help="Instruction data: .json (an array) or .jsonl files, .gz too: messages, Alpaca instruction/input/output, seed-task instances or prompt/completion records.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
-    val: Annotated[list[Path] | None, typer.Option("--val", help="Held-out examples file (repeatable); default: a hashed --val-fraction of DATA.", rich_help_panel=_D)] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Fraction of DATA's examples held out for val (by a hash of their text).", rich_help_panel=_D)] = 0.05,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Row length in tokens (default: the base model's context); longer examples are cut.", rich_help_panel=_D)] = None,
-    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack examples into full rows (position ids restart, no cross-example attention).", rich_help_panel=_D)] = True,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Rows per forward/backward on each rank.", rich_help_panel=_O)] = 8,
-    global_batch: Annotated[int, typer.Option("--global-batch", help="Rows per optimizer step over all ranks (gradient accumulation fills it); 0 = one micro-batch per rank.", rich_help_panel=_O)] = 0,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_O)] = 1e-4,
-    min_lr_ratio: Annotated[float, typer.Option("--min-lr-ratio", help="Final learning rate as a fraction of the peak.", rich_help_panel=_O)] = 0.0,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine, wsd or constant.", rich_help_panel=_O)] = "cosine",
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps.", rich_help_panel=_O)] = 10,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Decoupled weight decay of matrices and embeddings.", rich_help_panel=_O)] = 0.0,
-    grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the global gradient norm (0 = off).", rich_help_panel=_O)] = 1.0,
-    precision: Annotated[str, typer.Option("--precision", help="auto, bf16, fp16 or fp32 (fp32 master weights always).", rich_help_panel=_O)] = "auto",
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=_O)] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=_O)] = "auto",
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training rows; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=_S)] = 3.0,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many optimizer steps (0 = from --epochs).", rich_help_panel=_S)] = 0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Stop after this many training tokens (0 = no limit).", rich_help_panel=_S)] = 0,
-    time_budget: Annotated[float, typer.Option("--time-budget", help="Stop training after SECONDS of wall clock (0 = no limit).", rich_help_panel=_S)] = 0.0,
-    log_every: Annotated[int, typer.Option("--log-every", help="Log a metrics line every N steps.", rich_help_panel=_S)] = 10,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Val loss every N steps (0 = only at the end).", rich_help_panel=_S)] = 0,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0 = only at the end).", rich_help_panel=_S)] = 0,
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="Keep the last K checkpoints.", rich_help_panel=_S)] = 3,
+    val: ValOpt = None,
+    val_fraction: ValFractionOpt = 0.05,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Row length in tokens (default: the base model's context); longer examples are cut.", rich_help_panel=DATA)] = None,
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack examples into full rows (position ids restart, no cross-example attention).", rich_help_panel=DATA)] = True,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="Rows per forward/backward on each rank.", rich_help_panel=OPT)] = 8,
+    global_batch: Annotated[int, typer.Option("--global-batch", help="Rows per optimizer step over all ranks (gradient accumulation fills it); 0 = one micro-batch per rank.", rich_help_panel=OPT)] = 0,
+    lr: LrOpt = 1e-4,
+    min_lr_ratio: MinLrOpt = 0.0,
+    schedule: ScheduleOpt = "cosine",
+    warmup_steps: WarmupOpt = 10,
+    weight_decay: WeightDecayOpt = 0.0,
+    grad_clip: GradClipOpt = 1.0,
+    precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
+    device: DeviceOpt = "auto",
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training rows; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=STOP)] = 3.0,
+    max_steps: FinetuneMaxStepsOpt = 0,
+    max_tokens: MaxTokensOpt = 0,
+    time_budget: TimeBudgetOpt = 0.0,
+    log_every: LogEveryOpt = 10,
+    eval_every: EvalEveryOpt = 0,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    keep_checkpoints: KeepCheckpointsOpt = 3,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -62,34 +82,22 @@ def sft_cmd(
     """
     from ..train.sft import SFTConfig, run
 
-    cfg = SFTConfig(
-        base=base, data=list(data), out=out, val=list(val or []), val_fraction=val_fraction, seq_len=seq_len,
-        packing=packing, micro_batch=micro_batch, global_batch=global_batch, epochs=epochs, lr=lr,
-        min_lr_ratio=min_lr_ratio, schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        grad_clip=grad_clip, precision=precision, compile=compile, device=device, max_steps=max_steps,
-        max_tokens=max_tokens, time_budget=time_budget, log_every=log_every, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed, force=force,
-    )
-    m = run(cfg)
+    m = run(config_from(SFTConfig, locals()))
     if not m:  # a non-zero data-parallel rank
         return
     s = m["stats"]
-
-    def _f(v, fmt):
-        return fmt.format(v) if v is not None else "n/a"
-
-    skipped = ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()) or "none"
+    fill = s["packing_fill"] * 100 if s["packing_fill"] is not None else None
     summary(
         f"sft → {out}",
         [
             ("examples (train / val)", f"{s['train_examples']:,} / {s['val_examples']:,}"),
-            ("records skipped", skipped),
+            ("records skipped", ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()) or "none"),
             ("truncated to --seq-len", s["truncated"]),
-            ("rows (packing fill)", f"{s['rows']:,} ({_f(s['packing_fill'] * 100 if s['packing_fill'] is not None else None, '{:.0f}%')})"),
+            ("rows (packing fill)", f"{s['rows']:,} ({or_na(fill, '{:.0f}%')})"),
             ("steps (epochs)", f"{s['steps']:,} ({s['epochs']:.2f})"),
             ("stop reason", s["stop_reason"]),
-            ("final val loss (nats/reply token)", _f(s["final_val_loss"], "{:.4f}")),
-            ("tokens/s (median)", _f(s["tokens_per_s"], "{:,.0f}")),
+            ("final val loss (nats/reply token)", or_na(s["final_val_loss"], "{:.4f}")),
+            ("tokens/s (median)", or_na(s["tokens_per_s"], "{:,.0f}")),
             ("train seconds", s["train_seconds"]),
         ],
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,3 +66,20 @@ def init_distributed(device_type: str) -> DistContext:
         dist.init_process_group(backend=backend)
         created = True
     return DistContext(rank=rank, world_size=world, local_rank=local, initialized_here=created)
+
+
+def open_run(
+    out: Path, stage: str, params: dict[str, Any], inputs: list[Path], force: bool, dist_ctx: DistContext
+) -> tuple[Any, bool, Path, dict[str, Any]]:
+    """Open a training stage's run directory on rank 0 and tell every rank about it: (the
+    ``StageRun`` on rank 0, else None; already complete; the work directory; the manifest if complete)."""
+    from ..artifacts import StageRun
+
+    if dist_ctx.is_main:
+        run = StageRun.open(out, stage, params, inputs, force=force)
+        shared = [run.done, str(run.work), run.manifest]
+    else:
+        run, shared = None, [None, None, None]
+    if dist_ctx.enabled:
+        dist.broadcast_object_list(shared, src=0)
+    return run, bool(shared[0]), Path(shared[1]), shared[2]

@@ -18,10 +18,9 @@ dropped (``reply_too_long``). Chosen and rejected rows go through the model in o
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,19 +30,21 @@ from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
 from ..tokenizer import _unit
-from .distributed import init_distributed
+from .distributed import init_distributed, open_run
 from .finetune import (
     EpochOrder,
+    FinetuneConfig,
     base_model,
     count,
-    load_base,
-    open_run,
+    no_usable,
     params_of,
+    prepare,
     publish,
     read_records,
+    train_val,
     write_config,
 )
-from .loop import LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
+from .loop import Objective, Trainer, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 from .sft import Example, collate
 
@@ -51,27 +52,15 @@ STAGE = "dpo"
 
 
 @dataclass
-class DPOConfig(LoopConfig):
-    """Every option of ``llmctl dpo`` (the loop's options, with preference-tuning defaults, plus data)."""
+class DPOConfig(FinetuneConfig):
+    """Every option of ``llmctl dpo`` (the loop's and the post-training stages' options, plus β)."""
 
-    base: Path = Path()
-    data: list[Path] = field(default_factory=list)
-    out: Path = Path()
-    val: list[Path] = field(default_factory=list)
-    val_fraction: float = 0.05
-    seq_len: int | None = None  # None → the base model's max_seq_len
+    unit: ClassVar[str] = "pairs"
+    what: ClassVar[str] = "preference data"
+
     beta: float = 0.1
-    micro_batch: int = 4  # pairs per forward/backward on each rank
-    global_batch: int = 0  # pairs per optimizer step over all ranks; 0 → micro_batch × world
-    epochs: float = 1.0  # sets max_steps unless --max-steps is given; 0 = no epoch limit
+    micro_batch: int = 4
     lr: float = 1e-5
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    force: bool = False
-
-    def loop_config(self) -> LoopConfig:
-        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
 
 @dataclass
@@ -214,48 +203,22 @@ class DPOObjective(Objective):
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
     """Train (or resume) and publish the run; return its manifest."""
-    if not cfg.data:
-        raise UsageError("no preference data given; pass .json or .jsonl files of chosen/rejected pairs")
-    if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction {cfg.val_fraction}: give a fraction in [0, 1)")
-    if cfg.micro_batch < 1 or cfg.beta <= 0:
-        raise UsageError("--micro-batch must be ≥ 1 and --beta > 0")
-    if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_steps or cfg.max_tokens or cfg.time_budget)):
-        raise UsageError("--epochs must be > 0 (or 0 with --max-steps, --max-tokens or --time-budget)")
-    mcfg, tok_path, tok = load_base(cfg.base)
-    cfg.seq_len = int(cfg.seq_len or mcfg.max_seq_len)
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the base model's context {mcfg.max_seq_len}; use ≤ {mcfg.max_seq_len}")
-
+    if cfg.beta <= 0:
+        raise UsageError(f"--beta {cfg.beta}: give --beta > 0")
+    mcfg, tok_path, tok = prepare(cfg)
     bad: dict[str, int] = {}
-    prefs = load_preferences(cfg.data, bad)
-    if cfg.val:
-        val_bad: dict[str, int] = {}
-        train_prefs, val_prefs = prefs, load_preferences(cfg.val, val_bad)
-        for k, v in val_bad.items():
-            count(bad, f"val_{k}", v)
-    else:
-        train_prefs, val_prefs = split_val(prefs, cfg.val_fraction)
+    train_prefs, val_prefs, n_records = train_val(cfg, load_preferences, split_val, bad)
     train, trunc = tokenize_pairs(tok, train_prefs, cfg.seq_len, bad)
     val, trunc_val = tokenize_pairs(tok, val_prefs, cfg.seq_len, bad)
     if not train:
-        reasons = ", ".join(f"{k} {v}" for k, v in bad.items()) or "the files hold no records"
-        raise UsageError(f"no usable preference pairs in {', '.join(map(str, cfg.data))} ({reasons}); check the data layout")
+        raise no_usable("preference pairs", cfg, bad)
 
     device = resolve_device(cfg.device)
     dist_ctx = init_distributed(device.type)
     try:
         world = dist_ctx.world_size
-        per_micro = cfg.micro_batch * world
-        global_pairs = cfg.global_batch or per_micro
-        if global_pairs % per_micro:
-            raise UsageError(
-                f"--global-batch {global_pairs} pairs is not a multiple of --micro-batch {cfg.micro_batch} × {world} ranks; "
-                f"use a multiple of {per_micro}"
-            )
-        accum = global_pairs // per_micro
-        if not cfg.max_steps and cfg.epochs > 0:
-            cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train) / global_pairs))
+        global_pairs, accum = cfg.batch_layout(world)
+        cfg.steps_from_epochs(len(train), global_pairs)
         precision = resolve_precision(cfg.precision, device)
         # two rows per pair, and a second (frozen, gradient-free) copy of the weights
         est = estimate_train_memory(mcfg, 2 * cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
@@ -263,7 +226,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         check_memory(est, available_memory(device), f"the policy and its reference ({mcfg.total_params():,} parameters each)")
 
         params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, [Path(cfg.base), *cfg.data, *cfg.val], cfg.force, dist_ctx)
+        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
         if done:
             if dist_ctx.is_main:
                 console.print(f"dpo: {cfg.out} is already complete (same options and data); nothing to do")
@@ -272,7 +235,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         objective = DPOObjective(train, val, cfg, tok.pad_id, global_pairs)
         if dist_ctx.is_main:
             console.print(
-                f"dpo: {len(train):,} train / {len(val):,} val pairs from {len(prefs):,} records "
+                f"dpo: {len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
                 f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); β {cfg.beta}; "
                 f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
             )

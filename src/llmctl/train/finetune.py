@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,11 +21,91 @@ from ..model.config import ModelConfig
 from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_weights
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer
-from .distributed import DistContext
-from .loop import METRICS, PLOT
+from .loop import METRICS, PLOT, LoopConfig
 
 #: runs a post-training stage can start from
 BASE_STAGES = ("pretrain", "sft", "dpo")
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    """The options every post-training stage has: a base run, data files and a val split, rows of
+    ``seq_len``, a batch counted in ``unit`` (rows, pairs), epochs, and fine-tuning defaults."""
+
+    unit: ClassVar[str] = "rows"
+    what: ClassVar[str] = "training data"  # named in the "no data" error
+
+    base: Path = Path()
+    data: list[Path] = field(default_factory=list)
+    out: Path = Path()
+    val: list[Path] = field(default_factory=list)  # exactly these are val (else val_fraction of data)
+    val_fraction: float = 0.05
+    seq_len: int | None = None  # None → the base model's max_seq_len
+    micro_batch: int = 8  # units per forward/backward on each rank
+    global_batch: int = 0  # units per optimizer step over all ranks; 0 → micro_batch × world
+    epochs: float = 1.0  # sets max_steps unless --max-steps is given; 0 = no epoch limit
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    force: bool = False
+
+    def inputs(self) -> list[Path]:
+        return [Path(self.base), *self.data, *self.val]
+
+    def batch_layout(self, world: int) -> tuple[int, int]:
+        """(units per optimizer step, micro-batches per step on each rank)."""
+        per_micro = self.micro_batch * world
+        global_units = self.global_batch or per_micro
+        if global_units % per_micro:
+            raise UsageError(
+                f"--global-batch {global_units} {self.unit} is not a multiple of --micro-batch {self.micro_batch} × "
+                f"{world} ranks; use a multiple of {per_micro}"
+            )
+        return global_units, global_units // per_micro
+
+    def steps_from_epochs(self, units_per_epoch: int, global_units: int) -> None:
+        """Set max_steps from --epochs unless given (--time-budget / --max-tokens may stop it earlier)."""
+        if not self.max_steps and self.epochs > 0:
+            self.max_steps = max(1, math.ceil(self.epochs * units_per_epoch / global_units))
+
+
+def prepare(cfg: FinetuneConfig) -> tuple[ModelConfig, Path, Tokenizer]:
+    """Check the options every post-training stage shares and load the base run (seq_len resolved)."""
+    if not cfg.data:
+        raise UsageError(f"no {cfg.what} given; pass .json or .jsonl files")
+    if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {cfg.val_fraction}: give a fraction in [0, 1)")
+    if cfg.micro_batch < 1:
+        raise UsageError("--micro-batch must be ≥ 1")
+    if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_steps or cfg.max_tokens or cfg.time_budget)):
+        raise UsageError("--epochs must be > 0 (or 0 with --max-steps, --max-tokens or --time-budget)")
+    mcfg, tok_path, tok = load_base(cfg.base)
+    cfg.seq_len = int(cfg.seq_len or mcfg.max_seq_len)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the base model's context {mcfg.max_seq_len}; use ≤ {mcfg.max_seq_len}")
+    return mcfg, tok_path, tok
+
+
+def train_val(
+    cfg: FinetuneConfig, load: Callable[[list[Path], dict[str, int]], list], split: Callable[[list, float], tuple[list, list]],
+    bad: dict[str, int],
+) -> tuple[list, list, int]:
+    """(train records, val records, records read from DATA): val is ``--val`` (its bad records
+    counted as ``val_<reason>``) or ``split`` of DATA by ``val_fraction``."""
+    records = load(cfg.data, bad)
+    if not cfg.val:
+        return *split(records, cfg.val_fraction), len(records)
+    val_bad: dict[str, int] = {}
+    val = load(cfg.val, val_bad)
+    for k, v in val_bad.items():
+        count(bad, f"val_{k}", v)
+    return records, val, len(records)
+
+
+def no_usable(what: str, cfg: FinetuneConfig, bad: dict[str, int]) -> UsageError:
+    reasons = ", ".join(f"{k} {v}" for k, v in bad.items()) or "the files hold no records"
+    return UsageError(f"no usable {what} in {', '.join(map(str, cfg.data))} ({reasons}); check the data layout")
 
 
 def read_records(path: Path, bad: dict[str, int]) -> list[Any]:
@@ -112,20 +194,6 @@ def params_of(cfg: Any) -> dict[str, Any]:
         elif isinstance(v, list):
             p[k] = [str(x) for x in v]
     return p
-
-
-def open_run(out: Path, stage: str, params: dict[str, Any], inputs: list[Path], force: bool, dist: DistContext) -> tuple[StageRun | None, bool, Path, dict[str, Any]]:
-    """(stage on rank 0 else None, already done, work dir, manifest if done), the same on every rank."""
-    if dist.is_main:
-        run = StageRun.open(out, stage, params, inputs, force=force)
-        shared = [run.done, str(run.work), run.manifest]
-    else:
-        run, shared = None, [None, None, None]
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        tdist.broadcast_object_list(shared, src=0)
-    return run, bool(shared[0]), Path(shared[1]), shared[2]
 
 
 def write_config(work: Path, mcfg: ModelConfig, params: dict[str, Any], base: Path) -> None:

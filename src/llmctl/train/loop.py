@@ -50,7 +50,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,10 @@ class LoopConfig:
     eval_every: int = 0  # optimizer steps; 0 = only the final eval
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
     keep_checkpoints: int = 3
+
+    def loop_config(self) -> LoopConfig:
+        """Just the loop's options (a stage's config subclasses this one and adds its own)."""
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
 
 @dataclass

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..artifacts import StageRun, write_json_atomic
+from ..artifacts import write_json_atomic
 from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
@@ -43,7 +43,7 @@ from ..model.config import ModelConfig, from_preset
 from ..model.io import CONFIG, TOKENIZER, WEIGHTS, save_weights
 from ..model.transformer import Transformer, lm_loss
 from ..tokens import BatchSampler, TokenArtifact, check_compatible, iter_eval_windows
-from .distributed import init_distributed
+from .distributed import init_distributed, open_run
 from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 
@@ -71,9 +71,6 @@ class PretrainConfig(LoopConfig):
     anneal_tokens: Path | None = None
     anneal_fraction: float = 0.0
     force: bool = False  # not a parameter of the run (left out of the manifest's params)
-
-    def loop_config(self) -> LoopConfig:
-        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         over: dict[str, Any] = dict(
@@ -215,17 +212,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 
         params = _params_of(cfg)
         inputs = [cfg.tokens] + ([cfg.anneal_tokens] if cfg.anneal_tokens else [])
-        work: Path
-        if dist_ctx.is_main:
-            stage = StageRun.open(cfg.out, STAGE, params, inputs, force=cfg.force)
-            shared = [stage.done, str(stage.work), stage.manifest]
-        else:
-            stage, shared = None, [None, None, None]
-        if dist_ctx.enabled:
-            import torch.distributed as tdist
-
-            tdist.broadcast_object_list(shared, src=0)
-        done, work, manifest = bool(shared[0]), Path(shared[1]), shared[2]
+        stage, done, work, manifest = open_run(cfg.out, STAGE, params, inputs, cfg.force, dist_ctx)
         if done:
             if dist_ctx.is_main:
                 console.print(f"pretrain: {cfg.out} is already complete (same options and tokens); nothing to do")

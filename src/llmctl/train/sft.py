@@ -28,58 +28,45 @@ same side). ``val_loss`` is the mean nats per target token over the whole val sp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..chat import BadRecord, encode_chats, render_prompt, to_messages
 from ..console import console
 from ..device import resolve_device
-from ..errors import UsageError
 from ..model.transformer import lm_loss
 from ..tokenizer import _unit
-from .distributed import init_distributed
+from .distributed import init_distributed, open_run
 from .finetune import (
     EpochOrder,
+    FinetuneConfig,
     base_model,
     count,
-    load_base,
-    open_run,
+    no_usable,
     params_of,
+    prepare,
     publish,
     read_records,
+    train_val,
     write_config,
 )
-from .loop import LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
+from .loop import Objective, Trainer, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 
 STAGE = "sft"
 
 
 @dataclass
-class SFTConfig(LoopConfig):
-    """Every option of ``llmctl sft`` (the loop's options, with fine-tuning defaults, plus data)."""
+class SFTConfig(FinetuneConfig):
+    """Every option of ``llmctl sft`` (the loop's and the post-training stages' options, plus packing)."""
 
-    base: Path = Path()
-    data: list[Path] = field(default_factory=list)
-    out: Path = Path()
-    val: list[Path] = field(default_factory=list)  # exactly these examples are val (else val_fraction)
-    val_fraction: float = 0.05
-    seq_len: int | None = None  # None → the base model's max_seq_len
+    what: ClassVar[str] = "training data"
+
     packing: bool = True
-    micro_batch: int = 8  # rows per forward/backward on each rank
-    global_batch: int = 0  # rows per optimizer step over all ranks; 0 → micro_batch × world
-    epochs: float = 3.0  # sets max_steps unless --max-steps is given; 0 = no epoch limit
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    force: bool = False
-
-    def loop_config(self) -> LoopConfig:
-        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
+    epochs: float = 3.0
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -270,60 +257,29 @@ class SFTObjective(Objective):
         self._buffer = []
 
 
-def _merge_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
-
-
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune (or resume) and publish the run; return its manifest."""
-    if not cfg.data:
-        raise UsageError("no training data given; pass .json or .jsonl instruction files")
-    if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction {cfg.val_fraction}: give a fraction in [0, 1)")
-    if cfg.micro_batch < 1:
-        raise UsageError("--micro-batch must be ≥ 1")
-    if cfg.epochs < 0 or (cfg.epochs == 0 and not (cfg.max_steps or cfg.max_tokens or cfg.time_budget)):
-        raise UsageError("--epochs must be > 0 (or 0 with --max-steps, --max-tokens or --time-budget)")
-    mcfg, tok_path, tok = load_base(cfg.base)
-    cfg.seq_len = int(cfg.seq_len or mcfg.max_seq_len)
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the base model's context {mcfg.max_seq_len}; use ≤ {mcfg.max_seq_len}")
-
+    mcfg, tok_path, tok = prepare(cfg)
     bad: dict[str, int] = {}
-    convs = load_conversations(cfg.data, bad)
-    if cfg.val:
-        val_bad: dict[str, int] = {}
-        train_convs, val_convs = convs, load_conversations(cfg.val, val_bad)
-        bad = _merge_counts(bad, {f"val_{k}": v for k, v in val_bad.items()})
-    else:
-        train_convs, val_convs = split_val(convs, cfg.val_fraction)
+    train_convs, val_convs, n_convs = train_val(cfg, load_conversations, split_val, bad)
     train, trunc_train = tokenize_examples(tok, train_convs, cfg.seq_len, bad)
     val, trunc_val = tokenize_examples(tok, val_convs, cfg.seq_len, bad)
     if not train:
-        reasons = ", ".join(f"{k} {v}" for k, v in bad.items()) or "the files hold no records"
-        raise UsageError(f"no usable training examples in {', '.join(map(str, cfg.data))} ({reasons}); check the data layout")
+        raise no_usable("training examples", cfg, bad)
 
     device = resolve_device(cfg.device)
     dist_ctx = init_distributed(device.type)
     try:
         world = dist_ctx.world_size
-        rows_per_micro = cfg.micro_batch * world
-        global_rows = cfg.global_batch or rows_per_micro
-        if global_rows % rows_per_micro:
-            raise UsageError(
-                f"--global-batch {global_rows} rows is not a multiple of --micro-batch {cfg.micro_batch} × {world} ranks; "
-                f"use a multiple of {rows_per_micro}"
-            )
-        accum = global_rows // rows_per_micro
+        global_rows, accum = cfg.batch_layout(world)
         objective = SFTObjective(train, val, cfg, tok.pad_id, global_rows)
-        if not cfg.max_steps and cfg.epochs > 0:  # --time-budget / --max-tokens may still stop it earlier
-            cfg.max_steps = max(1, math.ceil(cfg.epochs * len(objective.rows) / global_rows))
+        cfg.steps_from_epochs(len(objective.rows), global_rows)
         precision = resolve_precision(cfg.precision, device)
         est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
         check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
 
         params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, [Path(cfg.base), *cfg.data, *cfg.val], cfg.force, dist_ctx)
+        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
         if done:
             if dist_ctx.is_main:
                 console.print(f"sft: {cfg.out} is already complete (same options and data); nothing to do")
@@ -335,7 +291,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
         if dist_ctx.is_main:
             console.print(
-                f"sft: {len(train):,} train / {len(val):,} val examples from {len(convs):,} conversations "
+                f"sft: {len(train):,} train / {len(val):,} val examples from {n_convs:,} conversations "
                 f"({sum(bad.values()):,} records skipped); {len(objective.rows):,} rows of ≤ {cfg.seq_len} tokens"
                 + (f" (packed, {fill:.0%} full)" if fill is not None else "")
                 + f"; global batch {global_rows} rows = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
