@@ -16,7 +16,8 @@ from modelkit import make_run
 
 from llmctl.chat import BadRecord, encode_chat, parse_hh, to_preference
 from llmctl.model.io import load_model
-from llmctl.train.dpo import _side, load_preferences, reply_logps
+from llmctl.train.dpo import _side, reply_logps
+from llmctl.train.preference import load_preferences
 
 
 def _hh(shared_data: Path) -> Path:

@@ -246,3 +246,30 @@ def encode_chat(tok: Any, messages: Sequence[Message], last_only: bool = False) 
     if isinstance(got, BadRecord):
         raise got
     return got
+
+
+def to_prompts(rec: Any) -> list[list[Message]]:
+    """The prompts in one record, each as messages ending in a user (or system) turn, for a stage
+    that writes its own replies (ppo): a plain string (one user turn); ``{"prompt"}`` as text or
+    messages (other fields such as ``completion`` or ``chosen`` are ignored); an HH-RLHF
+    ``{"chosen", "rejected"}`` dialogue pair (the shared prompt); or any ``to_messages`` layout,
+    each conversation cut before its last assistant reply. Raises ``BadRecord`` naming why not."""
+    if isinstance(rec, str):
+        rec = {"prompt": rec}
+    if isinstance(rec, dict) and "prompt" in rec:
+        p = rec["prompt"]
+        msgs: list[Message] = _messages(p) if isinstance(p, list) else [{"role": "user", "content": _text(p, "prompt_not_text")}]
+        system = rec.get("system")
+        if isinstance(system, str) and system and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system})
+        convs = [msgs]
+    elif isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
+        convs = [to_preference(rec)[0]]
+    else:
+        convs = [c[: max(k for k, m in enumerate(c) if m["role"] == "assistant")] for c in to_messages(rec)]
+    for msgs in convs:
+        if not any(m["content"].strip() for m in msgs if m["role"] == "user"):
+            raise BadRecord("empty_prompt")
+        if msgs[-1]["role"] == "assistant":
+            raise BadRecord("prompt_ends_with_reply")
+    return convs

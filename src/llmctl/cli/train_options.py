@@ -15,6 +15,7 @@ import typer
 OPT = "Optimization"
 STOP = "Stopping, eval and checkpoints"
 DATA = "Data"
+RL = "Rollouts and PPO"
 
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=OPT)]
 MinLrOpt = Annotated[float, typer.Option("--min-lr-ratio", help="Final learning rate as a fraction of the peak.", rich_help_panel=OPT)]

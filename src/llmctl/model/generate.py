@@ -85,9 +85,11 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # token ids that end a completion (kept in token_ids, not in text)
 
     def __post_init__(self) -> None:
         self.stop = tuple(s for s in self.stop if s)
+        self.stop_ids = tuple(int(i) for i in self.stop_ids)
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -275,6 +277,8 @@ def _generate_batch(
             n_generated += 1
             if token == tok.eos_id:
                 r.finish_reason, done[i] = "eos", True
+            elif token in params.stop_ids:
+                r.finish_reason, done[i] = "stop", True
             elif watch:
                 d = detoks[i]
                 d.push(token)
@@ -301,7 +305,8 @@ def _generate_batch(
         if watch:
             r.text = detoks[i].text
         else:
-            ids = r.token_ids[:-1] if r.finish_reason == "eos" else r.token_ids
+            ended = r.finish_reason == "eos" or (r.finish_reason == "stop" and r.token_ids[-1] in params.stop_ids)
+            ids = r.token_ids[:-1] if ended else r.token_ids
             r.text = _Detokenizer(tok, prompt_ids[i], ()).set_ids(ids)
     return n_generated
 

@@ -231,14 +231,17 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor:
+        with_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, vocab]; with ``return_hidden`` the final normalised hidden states [B, T, d]
-        instead (for reward and value heads: going through ``forward`` keeps DDP's gradient
-        synchronisation and torch.compile in the path, which calling ``hidden`` directly would skip)."""
+        instead, with ``with_hidden`` both (logits, hidden) (for reward and value heads: going
+        through ``forward`` keeps DDP's gradient synchronisation and torch.compile in the path,
+        which calling ``hidden`` directly would skip)."""
         h = self.hidden(idx, position_ids=position_ids, attn_mask=attn_mask, cache=cache)
         if return_hidden:
             return h
-        return F.linear(h, self.output_weight())
+        logits = F.linear(h, self.output_weight())
+        return (logits, h) if with_hidden else logits
 
     def rope_rotation(self) -> torch.Tensor:
         """The rotary angles as unit complex numbers [max_len, head_dim/2], e^(i·t·f_j): the rotation

@@ -19,33 +19,29 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..chat import BadRecord, ChatTokens, encode_chats, render_prompt, to_preference
+from ..chat import BadRecord, ChatTokens
 from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
-from ..tokenizer import _unit
 from .distributed import init_distributed, open_run
 from .finetune import (
-    EpochOrder,
     FinetuneConfig,
     base_model,
-    count,
     no_usable,
     params_of,
     prepare,
     publish,
-    read_records,
     train_val,
     write_config,
 )
-from .loop import Objective, Trainer, check_memory, estimate_train_memory
+from .loop import Trainer, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
+from .preference import PairObjective, Preference, cut_left, encode_pairs, load_preferences, split_val
 from .sft import Example, collate
 
 STAGE = "dpo"
@@ -69,52 +65,16 @@ class Pair:
     rejected: Example
 
 
-def load_preferences(paths: list[Path], bad: dict[str, int]) -> list[tuple[list[dict[str, str]], dict[str, str], dict[str, str]]]:
-    out = []
-    for p in paths:
-        for rec in read_records(Path(p), bad):
-            try:
-                out.append(to_preference(rec))
-            except BadRecord as e:
-                count(bad, e.reason)
-    return out
-
-
 def _side(ct: ChatTokens | BadRecord, seq_len: int) -> tuple[Example, bool]:
-    """One side of a pair as an Example (targets on the final reply only), cut from the left to
-    ``seq_len`` if needed; (example, truncated). Raises BadRecord if the reply itself does not fit."""
-    if isinstance(ct, BadRecord):
-        raise ct
-    inputs, targets = ct.targets()
-    cut = len(inputs) - seq_len
-    if cut <= 0:
-        return Example(inputs, targets), False
-    if any(t != -100 for t in targets[:cut]):
-        raise BadRecord("reply_too_long")
-    return Example(inputs[cut:], targets[cut:]), True
+    """One side of a pair as an Example of at most ``seq_len`` inputs (targets on the final reply
+    only); (example, truncated). Raises BadRecord if the reply itself does not fit."""
+    ct, cut = cut_left(ct, seq_len + 1)
+    return Example(*ct.targets()), cut
 
 
-def tokenize_pairs(tok: Any, prefs: list, seq_len: int, bad: dict[str, int]) -> tuple[list[Pair], int]:
-    sides = encode_chats(tok, [[*p, reply] for p, c, r in prefs for reply in (c, r)], last_only=True)
-    pairs, truncated = [], 0
-    for k in range(len(prefs)):
-        try:
-            c, tc = _side(sides[2 * k], seq_len)
-            r, tr = _side(sides[2 * k + 1], seq_len)
-        except BadRecord as e:
-            count(bad, e.reason)
-            continue
-        pairs.append(Pair(c, r))
-        truncated += tc or tr
-    return pairs, truncated
-
-
-def split_val(prefs: list, fraction: float) -> tuple[list, list]:
-    """(train, val) by a seed-independent hash of each pair's prompt (pairs on one prompt stay together)."""
-    train, val = [], []
-    for pref in prefs:
-        (val if _unit(0, "dpo-val", render_prompt(pref[0])) < fraction else train).append(pref)
-    return train, val
+def tokenize_pairs(tok: Any, prefs: list[Preference], seq_len: int, bad: dict[str, int]) -> tuple[list[Pair], int]:
+    pairs, truncated = encode_pairs(tok, prefs, seq_len + 1, bad)
+    return [Pair(Example(*c.targets()), Example(*r.targets())) for c, r in pairs], truncated
 
 
 def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,39 +91,28 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return collate(exs, [[i] for i in range(len(exs))], pad_id, packed=False)
 
 
-class DPOObjective(Objective):
+class DPOObjective(PairObjective):
     name = "dpo"
+    VAL_KEYS = ("val_loss", "val_accuracy", "val_margin")
 
     def __init__(self, train: list[Pair], val: list[Pair], cfg: DPOConfig, pad_id: int, global_pairs: int) -> None:
-        self.train, self.val, self.cfg, self.pad_id = train, val, cfg, pad_id
-        self.global_pairs = global_pairs
-        self.order = EpochOrder(len(train), cfg.seed)
-        self.micro = 0  # micro-batches drawn by this rank (the data position)
+        super().__init__(train, val, cfg.micro_batch, pad_id, global_pairs, cfg.seed)
+        self.beta = cfg.beta
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         # π_ref: the starting weights, frozen (a copy, so the policy's updates never reach it)
         self.ref = copy.deepcopy(ctx.model).eval().requires_grad_(False)
 
-    def epochs(self, steps: int) -> float:
-        return steps * self.global_pairs / len(self.train)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        d, mb, accum = self.ctx.dist, self.cfg.micro_batch, self.ctx.accum_steps
-        step, i = divmod(self.micro, accum)
-        first = step * self.global_pairs + (d.rank * accum + i) * mb
-        self.micro += 1
-        return pair_batch([self.train[self.order[first + j]] for j in range(mb)], self.pad_id)
-
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["real_tokens"])
+    def batch(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+        return pair_batch(pairs, self.pad_id)
 
     def _margins(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels = batch["input_ids"], batch["labels"]
         pc, pr = reply_logps(model(ids), labels).chunk(2)
         with torch.no_grad():
             rc, rr = reply_logps(self.ref(ids), labels).chunk(2)
-        b = self.cfg.beta
+        b = self.beta
         return b * (pc - rc), b * (pr - rr), pc.detach(), pr.detach()
 
     def loss(self, model, batch, modules):
@@ -179,26 +128,10 @@ class DPOObjective(Objective):
         }
         return -F.logsigmoid(margin).mean(), metrics
 
-    def evaluate(self, model, modules, full: bool) -> dict[str, float]:
-        if not self.val:
-            return {}
-        d, dev, mb = self.ctx.dist, self.ctx.device, self.cfg.micro_batch
-        total = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, correct, margin, pairs
-        mine = list(range(d.rank, len(self.val), d.world_size))
-        for k in range(0, len(mine), mb):
-            batch = {n: t.to(dev) for n, t in pair_batch([self.val[i] for i in mine[k : k + mb]], self.pad_id).items()}
-            chosen, rejected, _, _ = self._margins(model, batch)
-            margin = (chosen - rejected).double()
-            total += torch.stack([-F.logsigmoid(margin).sum(), (margin > 0).sum(), margin.sum(), torch.tensor(float(len(margin)), device=dev, dtype=torch.float64)])
-        d.all_reduce_sum(total)
-        n = float(total[3])
-        return {"val_loss": round(float(total[0]) / n, 6), "val_accuracy": round(float(total[1]) / n, 6), "val_margin": round(float(total[2]) / n, 6)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"micro": self.micro}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.micro = int(state["micro"])
+    def val_sums(self, model, modules, batch) -> torch.Tensor:
+        chosen, rejected, _, _ = self._margins(model, batch)
+        m = (chosen - rejected).double()
+        return torch.stack([-F.logsigmoid(m).sum(), (m > 0).sum(), m.sum(), torch.tensor(float(len(m)), device=m.device, dtype=m.dtype)])
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:

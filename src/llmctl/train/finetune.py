@@ -24,7 +24,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .loop import METRICS, PLOT, LoopConfig
 
 #: runs a post-training stage can start from
-BASE_STAGES = ("pretrain", "sft", "dpo")
+BASE_STAGES = ("pretrain", "sft", "dpo", "ppo")
 
 
 @dataclass

@@ -367,7 +367,7 @@ class Trainer:
         nb = self.device.type == "cuda"
         return {k: v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def _evaluate(self, full: bool) -> dict[str, float]:
+    def evaluate(self, full: bool) -> dict[str, float]:
         self.model.eval()
         for m in self.extra.values():
             m.eval()
@@ -484,7 +484,7 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             if do_eval:
                 t_eval = time.perf_counter()
-                last_val = self._evaluate(full=False)
+                last_val = self.evaluate(full=False)
                 self.elapsed += time.perf_counter() - t_eval
                 if rec is not None:
                     rec.update(last_val)
@@ -501,7 +501,7 @@ class Trainer:
                 t_ck = time.perf_counter()
                 self.save()
                 self.elapsed += time.perf_counter() - t_ck
-        final_val = self._evaluate(full=True)
+        final_val = self.evaluate(full=True)
         if final_val:
             final_rec = {"step": self.step, "tokens": self.tokens, "final": True, **final_val}
             self._log(final_rec)

@@ -1,0 +1,130 @@
+"""Preference pairs for the stages that learn from them (reward, dpo): reading, the val split, and
+their tokens cut to fit a row.
+
+A pair is (prompt messages, chosen reply, rejected reply), read by ``chat.to_preference`` from
+HH-RLHF's two full dialogues or ``{"prompt", "chosen", "rejected"}`` records. Both sides render in
+the chat format with only the final reply marked as trained; a side longer than the row loses the
+start of its prompt (counted as ``truncated``), and a pair whose reply alone does not fit is
+dropped as ``reply_too_long``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..chat import BadRecord, ChatTokens, Message, encode_chats, render_prompt, to_preference
+from ..tokenizer import _unit
+from .finetune import EpochOrder, count, read_records
+from .loop import Objective
+
+Preference = tuple[list[Message], Message, Message]
+
+
+def load_preferences(paths: list[Path], bad: dict[str, int]) -> list[Preference]:
+    out = []
+    for p in paths:
+        for rec in read_records(Path(p), bad):
+            try:
+                out.append(to_preference(rec))
+            except BadRecord as e:
+                count(bad, e.reason)
+    return out
+
+
+def split_val(prefs: list[Preference], fraction: float) -> tuple[list[Preference], list[Preference]]:
+    """(train, val) by a seed-independent hash of each pair's prompt (pairs on one prompt stay together)."""
+    train, val = [], []
+    for pref in prefs:
+        (val if _unit(0, "dpo-val", render_prompt(pref[0])) < fraction else train).append(pref)
+    return train, val
+
+
+def cut_left(ct: ChatTokens | BadRecord, keep: int) -> tuple[ChatTokens, bool]:
+    """The last ``keep`` ids of one side (and whether any were cut). The kept window must hold every
+    trained id and start with an untrained one (the reply's context), else ``BadRecord("reply_too_long")``."""
+    if isinstance(ct, BadRecord):
+        raise ct
+    cut = len(ct.ids) - keep
+    if cut <= 0:
+        return ct, False
+    if any(ct.trained[: cut + 1]):
+        raise BadRecord("reply_too_long")
+    return ChatTokens(ct.ids[cut:], ct.trained[cut:]), True
+
+
+def encode_pairs(tok: Any, prefs: list[Preference], keep: int, bad: dict[str, int]) -> tuple[list[tuple[ChatTokens, ChatTokens]], int]:
+    """Both sides of each pair as tokens of at most ``keep`` ids (BOS … EOS, the final reply trained);
+    (pairs, how many had a side cut). Unusable pairs are counted in ``bad`` by reason."""
+    sides = encode_chats(tok, [[*p, reply] for p, c, r in prefs for reply in (c, r)], last_only=True)
+    pairs, truncated = [], 0
+    for k in range(len(prefs)):
+        try:
+            c, tc = cut_left(sides[2 * k], keep)
+            r, tr = cut_left(sides[2 * k + 1], keep)
+        except BadRecord as e:
+            count(bad, e.reason)
+            continue
+        pairs.append((c, r))
+        truncated += tc or tr
+    return pairs, truncated
+
+
+class PairObjective(Objective):
+    """What the pair objectives (reward, dpo) share: the data stream, the val loop and the data
+    position. Optimizer step ``s`` takes pairs ``[s·G, (s+1)·G)`` of an ``EpochOrder`` stream over the
+    train pairs (G = the global batch in pairs); rank ``r``'s ``i``-th micro-batch of that step is its
+    slice, so the stream is the same for any split into ranks and micro-batches. A subclass builds
+    ``batch(pairs)`` and ``loss``, and gives ``val_sums`` (per-val-batch sums, the last one the
+    number of pairs) with ``VAL_KEYS`` naming the means reported."""
+
+    VAL_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, train: list, val: list, micro_batch: int, pad_id: int, global_pairs: int, seed: int) -> None:
+        self.train, self.val, self.micro_batch, self.pad_id = train, val, micro_batch, pad_id
+        self.global_pairs = global_pairs
+        self.order = EpochOrder(len(train), seed)
+        self.micro = 0  # micro-batches drawn by this rank (the data position)
+
+    @abstractmethod
+    def batch(self, pairs: list) -> dict[str, torch.Tensor]:
+        """One micro-batch of pairs as tensors (CPU)."""
+
+    @abstractmethod
+    def val_sums(self, model, modules, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp64 sums over the batch's pairs, one per ``VAL_KEYS`` entry, then the number of pairs."""
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.global_pairs / len(self.train)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        d, mb, accum = self.ctx.dist, self.micro_batch, self.ctx.accum_steps
+        step, i = divmod(self.micro, accum)
+        first = step * self.global_pairs + (d.rank * accum + i) * mb
+        self.micro += 1
+        return self.batch([self.train[self.order[first + j]] for j in range(mb)])
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["real_tokens"])
+
+    def evaluate(self, model, modules, full: bool) -> dict[str, float]:
+        if not self.val:
+            return {}
+        d, dev, mb = self.ctx.dist, self.ctx.device, self.micro_batch
+        total = torch.zeros(len(self.VAL_KEYS) + 1, dtype=torch.float64, device=dev)
+        mine = list(range(d.rank, len(self.val), d.world_size))
+        for k in range(0, len(mine), mb):
+            b = {n: t.to(dev) for n, t in self.batch([self.val[i] for i in mine[k : k + mb]]).items()}
+            total += self.val_sums(model, modules, b)
+        d.all_reduce_sum(total)
+        n = float(total[-1])
+        return {key: round(float(v) / n, 6) for key, v in zip(self.VAL_KEYS, total[:-1], strict=True)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro": self.micro}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.micro = int(state["micro"])
