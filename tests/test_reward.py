@@ -1,0 +1,112 @@
+"""Reward modelling: the score is read at each row's last real token; ``llmctl reward`` starts at
+exactly ln 2, learns a preference on held-out pairs, and writes a run ppo can load."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli
+from modelkit import make_run
+
+from llmctl.errors import UsageError
+from llmctl.model import ModelConfig, Transformer
+from llmctl.model.reward import SCORE, load_reward_model, pad_right, rewards, score_head, score_sequences
+from llmctl.train import checkpoint as ckpt
+from llmctl.train.loop import CHECKPOINTS, METRICS
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def test_the_score_is_read_at_each_rows_last_real_token():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=32)).eval()
+    head = score_head(16)
+    torch.nn.init.normal_(head.weight)
+    seqs = [[1, 5, 7, 9, 11, 13, 2], [1, 4, 2], [1, 8, 8, 2]]
+    ids, lengths = pad_right(seqs, pad_id=3)
+    assert lengths.tolist() == [7, 3, 4] and ids[1].tolist() == [1, 4, 2, 3, 3, 3, 3]
+    with torch.no_grad():
+        alone = [float(rewards(model, head, torch.tensor([s]), torch.tensor([len(s)]))) for s in seqs]
+        batched = rewards(model, head, ids, lengths)
+        # padding after the last token cannot change it (causal attention), whatever the pad id
+        other = rewards(model, head, pad_right(seqs, pad_id=0)[0], lengths)
+        at_end = rewards(model, head, ids, torch.full_like(lengths, ids.shape[1]))  # the classic bug
+    torch.testing.assert_close(batched, torch.tensor(alone))
+    torch.testing.assert_close(other, batched)
+    assert not torch.allclose(at_end[1:], batched[1:], atol=1e-3)
+    assert score_sequences(model, head, seqs, pad_id=3, batch_size=2) == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.fixture
+def base_run(tmp_path, spm_model) -> Path:
+    make_run(tmp_path / "base", spm_model, n_layer=2, d_model=64, max_seq_len=128, init_std=0.02)
+    return tmp_path / "base"
+
+
+def test_cli_reward_on_hh_starts_at_ln2_and_writes_a_loadable_run(base_run, shared_data, tmp_path, one_thread):
+    out = tmp_path / "rm"
+    hh = shared_data / "preference" / "hh-rlhf-harmless-test.jsonl.gz"
+    code = cli("reward", base_run, hh, "--out", out, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2",
+               "--global-batch", "4", "--lr", "1e-3", "--val-fraction", "0.01", "--precision", "fp32", "--device", "cpu")
+    assert code == 0
+    recs = [r for r in _metrics(out) if "loss" in r]
+    # the zero-initialised head scores everything 0 at step 1: exactly ln 2, margin 0
+    assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert recs[0]["margin"] == recs[0]["rewards/chosen"] == 0.0
+    assert recs[-1]["rewards/chosen"] != 0.0 and len(recs) == 4
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["stats"]
+    assert m["stage"] == "reward" and SCORE in m["files"]
+    assert s["train_pairs"] > 1000 and s["val_pairs"] > 0 and s["truncated"] > 0 and s["skipped"]["reply_too_long"] > 0
+    assert 0.0 <= s["final_val_accuracy"] <= 1.0 and s["final_val_score_std"] > 0
+    model, head, cfg = load_reward_model(out)
+    assert cfg["base"] == str(base_run.resolve()) and not head.weight.requires_grad
+    # the final checkpoint holds the trained head too (a resumed run continues it)
+    (_, last), = ckpt.list_checkpoints(out / CHECKPOINTS)[-1:]
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(str(last / "model.safetensors"))["extra.score.weight"], head.weight)
+
+
+def test_cli_reward_learns_a_preference_that_holds_out(base_run, tmp_path, one_thread):
+    data, val = tmp_path / "pairs.jsonl", tmp_path / "val.jsonl"
+    rows = [{"prompt": q, "chosen": "yes", "rejected": "no"} for q in ("Do you agree?", "Shall we go?", "Is it ready?", "Can you help?")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    val.write_text(json.dumps({"prompt": "Will it rain?", "chosen": "yes", "rejected": "no"}) + "\n", encoding="utf-8")
+    out = tmp_path / "rm"
+    assert cli("reward", base_run, data, "--val", val, "--out", out, "--max-steps", "30", "--lr", "3e-3",
+               "--micro-batch", "4", "--warmup-steps", "2", "--precision", "fp32", "--device", "cpu") == 0
+    s = json.loads((out / "manifest.json").read_text())["stats"]
+    assert s["final_val_accuracy"] == 1.0 and s["final_val_margin"] > 1.0 and s["final_val_loss"] < 0.3
+    # the loaded model scores the held-out prompt's chosen reply above its rejected one
+    from llmctl.chat import encode_chat
+    from llmctl.tokenizer import load_tokenizer
+
+    model, head, _ = load_reward_model(out)
+    tok = load_tokenizer(out / "tokenizer.model")
+    user = {"role": "user", "content": "Will it rain?"}
+    yes, no = (encode_chat(tok, [user, {"role": "assistant", "content": a}]).ids for a in ("yes", "no"))
+    r_yes, r_no = score_sequences(model, head, [yes, no], tok.pad_id)
+    assert r_yes - r_no > 1.0
+
+
+def test_cli_reward_bad_input(base_run, tmp_path, capsys):
+    def run(*args) -> tuple[int, str]:
+        code = cli(*args)
+        return code, capsys.readouterr().err
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n", encoding="utf-8")
+    code, err = run("reward", base_run, data, "--out", tmp_path / "o")
+    assert code == 2 and "no usable preference pairs" in err and "same_replies 1" in err
+    code, err = run("reward", base_run, tmp_path / "none.jsonl", "--out", tmp_path / "o")
+    assert code == 2 and "none.jsonl: no such file" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UsageError, match="is a 'pretrain' artifact, but this stage needs reward output"):
+        load_reward_model(base_run)
