@@ -4,8 +4,9 @@ Renders a few dozen standard-library modules' documentation to HTML with pydoc, 
 127.0.0.1, and runs every stage on it: crawl, extract, filter, dedup, tokenizer training and
 encoding, a short pretraining run, sampling, export to transformers, perplexity on the
 documentation of modules the site does not contain, and a short supervised fine-tuning run on
-questions about the site's functions (answered by their docstrings' first lines), chat, and DPO
-on pairs that prefer each docstring line over its words in reverse order. It prints where each artifact is. Every step is a stage run
+questions about the site's functions (answered by their docstrings' first lines), chat, DPO on
+pairs that prefer each docstring line over its words in reverse order, a reward model on the same
+pairs, and PPO against it on the questions. It prints where each artifact is. Every step is a stage run
 whose rerun is a no-op, so running the demo again takes seconds. Later stages append a Step to
 STEPS (a name, the artifact it writes, and a function building the llmctl arguments).
 """
@@ -195,6 +196,23 @@ STEPS: list[Step] = [
         lambda ctx: [
             "dpo", str(ctx.artifacts["sft"]), preference_data(ctx), "--epochs", "2", "--lr", "1e-4",
             "--micro-batch", "8", "--time-budget", "60",
+        ],
+    ),
+    Step(
+        "reward",
+        "reward",
+        lambda ctx: [
+            "reward", str(ctx.artifacts["sft"]), preference_data(ctx), "--epochs", "2", "--lr", "1e-4",
+            "--micro-batch", "8", "--time-budget", "60",
+        ],
+    ),
+    Step(
+        "ppo",
+        "ppo",
+        lambda ctx: [
+            "ppo", str(ctx.artifacts["sft"]), instruction_data(ctx), "--reward", str(ctx.artifacts["reward"]),
+            "--epochs", "1", "--rollout-batch", "16", "--micro-batch", "8", "--ppo-epochs", "2",
+            "--max-new-tokens", "32", "--lr", "2e-5", "--time-budget", "90",
         ],
     ),
 ]
