@@ -94,6 +94,23 @@ def test_cli_reward_learns_a_preference_that_holds_out(base_run, tmp_path, one_t
     yes, no = (encode_chat(tok, [user, {"role": "assistant", "content": a}]).ids for a in ("yes", "no"))
     r_yes, r_no = score_sequences(model, head, [yes, no], tok.pad_id)
     assert r_yes - r_no > 1.0
+    # exported, transformers' sequence classifier gives the same scores on a right-padded batch
+    import transformers
+
+    from llmctl.model.hf import ExportConfig, export_hf
+
+    m = export_hf(ExportConfig(run=out, out=tmp_path / "hf"))
+    assert m["stats"]["architecture"] == "LlamaForSequenceClassification"
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    longer = encode_chat(tok, [{"role": "system", "content": "Be brief."}, user, {"role": "assistant", "content": "yes, it will"}]).ids
+    seqs = [yes, no, longer]
+    ids, lengths = pad_right(seqs, tok.pad_id)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        got = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(got, torch.tensor(score_sequences(model, head, seqs, tok.pad_id)), atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.padding_side == "right"
 
 
 def test_cli_reward_bad_input(base_run, tmp_path, capsys):

@@ -228,7 +228,9 @@ def from_hf_state(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch
     return out
 
 
-def hf_config(cfg: ModelConfig, sp: SpmModel | None, dtype: str = "fp32") -> dict[str, Any]:
+def hf_config(cfg: ModelConfig, sp: SpmModel | None, dtype: str = "fp32", reward: bool = False) -> dict[str, Any]:
+    """transformers' config.json: a causal LM, or with ``reward`` a one-label sequence classifier
+    (``*ForSequenceClassification``: the score head read at the last non-pad token, as ours)."""
     qwen = cfg.qk_norm
     ids = {
         "bos_token_id": sp.bos_id if sp and sp.bos_id >= 0 else None,
@@ -236,7 +238,7 @@ def hf_config(cfg: ModelConfig, sp: SpmModel | None, dtype: str = "fp32") -> dic
         "pad_token_id": sp.pad_id if sp and sp.pad_id >= 0 else None,
     }
     c: dict[str, Any] = {
-        "architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "architectures": [("Qwen3" if qwen else "Llama") + ("ForSequenceClassification" if reward else "ForCausalLM")],
         "model_type": "qwen3" if qwen else "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -263,6 +265,8 @@ def hf_config(cfg: ModelConfig, sp: SpmModel | None, dtype: str = "fp32") -> dic
         c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     else:
         c.update(mlp_bias=False, pretraining_tp=1)
+    if reward:
+        c.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, problem_type="regression")
     return c
 
 
@@ -294,20 +298,29 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
     if stage.done:
         console.print(f"{cfg.out}: already exported from this run with these settings; pass --force to redo")
         return stage.manifest
+    reward = m.get("stage") == "reward"
     try:
         model, _ = load_model(run_dir)
         sp = SpmModel.read(spm_path)
+        if reward and sp.pad_id < 0:
+            raise UsageError(f"{spm_path}: a reward model's export needs a PAD token (transformers finds each row's last token by it)")
         if sp.pieces and len(sp.pieces) > model.cfg.vocab_size:
             raise UsageError(
                 f"{run_dir}: tokenizer has {len(sp.pieces)} pieces but the model only {model.cfg.vocab_size}"
             )
         w = stage.work
         dt = DTYPES[cfg.dtype]
-        state = {k: v.detach().to(dt).contiguous().clone() for k, v in to_hf_state(model).items()}
+        hf_state = to_hf_state(model)
+        if reward:  # the score head replaces the LM head
+            from .reward import load_reward_model
+
+            hf_state.pop("lm_head.weight", None)
+            hf_state["score.weight"] = load_reward_model(run_dir)[1].weight
+        state = {k: v.detach().to(dt).contiguous().clone() for k, v in hf_state.items()}
         tmp = stage.partial(WEIGHTS)
         save_file(state, str(tmp), metadata={"format": "pt"})
         stage.commit(WEIGHTS)
-        write_json_atomic(w / CONFIG, hf_config(model.cfg, sp, cfg.dtype))
+        write_json_atomic(w / CONFIG, hf_config(model.cfg, sp, cfg.dtype, reward))
         gen = {"_from_model_config": True, "bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id}
         if sp.pad_id >= 0:
             gen["pad_token_id"] = sp.pad_id
@@ -333,7 +346,8 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
                 "clean_up_tokenization_spaces": False,
                 # sentencepiece never reads "<s>" in text as BOS: neither does this tokenizer
                 "split_special_tokens": True,
-                "padding_side": "left",
+                # generation pads on the left; a reward model reads each row's last token, so right
+                "padding_side": "right" if reward else "left",
                 # llmctl's chat format (chat.py), when the tokenizer has its role markers
                 **({"chat_template": hf_chat_template()} if _has_role_markers(sp) else {}),
             },
@@ -346,7 +360,7 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
         raise
     n_params = sum(p.numel() for p in model.parameters())
     stats = {
-        "architecture": hf_config(model.cfg, None)["architectures"][0],
+        "architecture": hf_config(model.cfg, None, reward=reward)["architectures"][0],
         "parameters": n_params,
         "vocab_size": model.cfg.vocab_size,
         "weights_bytes": os.path.getsize(stage.path(WEIGHTS)),
