@@ -43,6 +43,22 @@ def run_llmctl(*args: str | os.PathLike, timeout: float = 300, env: dict | None 
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+def torchrun_llmctl(*args: str | os.PathLike, nproc: int = 2, timeout: float = 300) -> Result:
+    """``torchrun --nproc-per-node NPROC -m llmctl ARGS`` on a free loopback port (gloo, one thread each)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+         "-m", "llmctl", *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
 @pytest.fixture
 def llmctl():
     return run_llmctl

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, torchrun_llmctl
 from modelkit import make_run
 
 from llmctl.chat import BadRecord, to_prompts
@@ -225,3 +225,16 @@ def test_cli_ppo_bad_input(yes_no, tmp_path, capsys, spm_model):
     code, err = run("ppo", *base, "--reward", tmp_path / "other-rm")
     assert code == 2 and "the reward model's tokenizer is not the policy's" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_ppo_under_torchrun_samples_on_every_rank(yes_no, tmp_path):
+    """Two gloo ranks each answer their own 6 prompts per rollout: the 12 prompts are one epoch per
+    rollout, the val prompts are split between the ranks, and the score still rises."""
+    p = torchrun_llmctl("ppo", yes_no["sft"], yes_no["prompts"], "--val", yes_no["prompts"], "--reward", yes_no["rm"],
+                        "--out", tmp_path / "ppo", "--max-steps", "8", "--rollout-batch", "6", "--micro-batch", "3",
+                        "--ppo-epochs", "2", "--max-new-tokens", "8", "--temperature", "1.0", "--lr", "1e-3",
+                        "--warmup-steps", "2", "--precision", "fp32", "--device", "cpu")
+    assert p.code == 0, p.err[-3000:]
+    s = json.loads((tmp_path / "ppo" / "manifest.json").read_text())["stats"]
+    assert (s["world_size"], s["rollouts"], s["epochs"]) == (2, 2, 2.0)
+    assert s["final_val"]["val_score"] > s["start_val"]["val_score"] and s["final_val"]["val_kl"] > 0

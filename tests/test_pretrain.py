@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_llmctl
+from conftest import run_llmctl, torchrun_llmctl
 
 # one thread per process: bit-for-bit reproducible CPU runs, and kind to the shared 2-core machine
 ENV = {"OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200"}
@@ -178,13 +178,8 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     common = ["pretrain", data["tokens"], *TINY, "--max-steps", "6", "--log-every", "1",
               "--global-batch-tokens", "256"]
     two = tmp_path / "two"
-    env = {**os.environ, **ENV}
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "llmctl", *map(str, common), "--out", str(two)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_llmctl(*common, "--out", two)
+    assert p.code == 0, p.err[-3000:]
     s1 = json.loads((one / "manifest.json").read_text())["stats"]
     s2 = json.loads((two / "manifest.json").read_text())["stats"]
     assert s1["accum_steps"] == 2 and s2["accum_steps"] == 1 and s2["world_size"] == 2

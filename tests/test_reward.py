@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, torchrun_llmctl
 from modelkit import make_run
 
 from llmctl.errors import UsageError
@@ -127,3 +127,21 @@ def test_cli_reward_bad_input(base_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError, match="is a 'pretrain' artifact, but this stage needs reward output"):
         load_reward_model(base_run)
+
+
+def test_reward_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread):
+    """Two gloo ranks, 2 pairs per micro-batch each, against one process accumulating the same 8
+    pairs per step: the same pairs in the same steps, the score head's gradients averaged."""
+    hh = shared_data / "preference" / "hh-rlhf-harmless-test.jsonl.gz"
+    common = ["reward", base_run, hh, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2", "--global-batch", "8",
+              "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+    assert cli(*common, "--out", tmp_path / "one") == 0
+    p = torchrun_llmctl(*common, "--out", tmp_path / "two")
+    assert p.code == 0, p.err[-3000:]
+    s1, s2 = (json.loads((tmp_path / r / "manifest.json").read_text())["stats"] for r in ("one", "two"))
+    assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
+    a, b = ([r["loss"] for r in _metrics(tmp_path / r) if "loss" in r] for r in ("one", "two"))
+    assert len(a) == 4 and b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert a[-1] != a[0]
+    assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    torch.testing.assert_close(load_reward_model(tmp_path / "two")[1].weight, load_reward_model(tmp_path / "one")[1].weight, rtol=1e-3, atol=1e-5)

@@ -5,15 +5,11 @@ model taught a reply answers it through ``llmctl generate --chat``)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, torchrun_llmctl
 from modelkit import make_run
 
 from llmctl.chat import BadRecord, encode_chat, render_prompt, to_messages, user_prompt
@@ -280,16 +276,8 @@ def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_ru
     common = ["sft", base_run, data, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2", "--global-batch", "8",
               "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
     assert cli(*common, "--out", tmp_path / "one") == 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200"}
-    p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-         "-m", "llmctl", *map(str, common), "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_llmctl(*common, "--out", tmp_path / "two")
+    assert p.code == 0, p.err[-3000:]
     s1 = json.loads((tmp_path / "one" / "manifest.json").read_text())["stats"]
     s2 = json.loads((tmp_path / "two" / "manifest.json").read_text())["stats"]
     assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
