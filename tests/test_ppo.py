@@ -166,6 +166,21 @@ def test_cli_ppo_moves_the_policy_to_the_rewarded_reply(yes_no, tmp_path, one_th
     _, cfg = load_model(out)
     assert cfg["base"] == str(yes_no["sft"].resolve())
     assert cli("ppo", *args) == 0  # complete: nothing to redo
+    # judged against "no" references: the reward model prefers the PPO model's answers
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"instruction": q, "output": "no"}) + "\n" for q in QUESTIONS), encoding="utf-8")
+    for judge, proto in ((yes_no["rm"], "reward"), (yes_no["sft"], "lm-judge")):
+        ev = tmp_path / f"eval-{proto}"
+        assert cli("eval", out, "--task", f"judge:{refs}", "--judge", judge, "--chat", "--reply-tokens", "8", "--out", ev) == 0
+        res = {r["metric"]: r for r in json.loads((ev / "results.json").read_text())["results"]}
+        assert {r["protocol"] for r in res.values()} >= {proto} and res["win_rate"]["n"] == len(QUESTIONS)
+        items = [json.loads(line) for line in (ev / "items-refs.jsonl").read_text().splitlines()]
+        assert [i["output"] for i in items] == ["yes"] * len(QUESTIONS)
+        assert all(0.0 < i["preference"] < 1.0 for i in items)
+        if proto == "reward":
+            assert res["win_rate"]["value"] > 0.7 and all(i["model_first"] for i in items)
+        else:  # an LM judge sees the pair in a drawn order
+            assert {i["model_first"] for i in items} == {True, False}
 
 
 def _trainer(yes_no, work: Path, max_steps: int) -> Trainer:
@@ -205,6 +220,8 @@ def test_cli_ppo_bad_input(yes_no, tmp_path, capsys, spm_model):
     assert code == 2 and "is a 'sft' artifact, but this stage needs reward output" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--rollout-batch", "10", "--micro-batch", "4")
     assert code == 2 and "--rollout-batch 10 is not a multiple of the 4 replies" in err
+    code, err = run("eval", yes_no["sft"], "--task", f"judge:{yes_no['prompts']}", "--out", tmp_path / "e")
+    assert code == 2 and "a judge task needs --judge RUN" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--kl-estimator", "k2")
     assert code == 2 and "choose k1 or k3" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--temperature", "0")

@@ -1,4 +1,4 @@
-"""`llmctl eval`: perplexity, multiple choice (likelihood and generation), LAMBADA, contamination."""
+"""`llmctl eval`: perplexity, multiple choice (likelihood and generation), LAMBADA, judged win rates, contamination."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ EPILOG = (
     "llmctl eval exports/tiny-hf --task piqa:../shared/data/eval/piqa-valid.jsonl --num-fewshot 2 "
     "--protocol both --contamination tokens/ --decontaminate --out evals/piqa · "
     "Task kinds: mmlu:DIR_OR_CSV, piqa:FILE.jsonl (labels in FILE-labels.lst), lambada:FILE.jsonl, "
-    "ppl:TEXT_JSONL_PARQUET_OR_DOCS, jsonl:SPEC.json|toml (data, template, choices, gold[, gold_kind, delimiter])"
+    "ppl:TEXT_JSONL_PARQUET_OR_DOCS, jsonl:SPEC.json|toml (data, template, choices, gold[, gold_kind, delimiter]), "
+    "judge:FILE.jsonl ({instruction, output} references; needs --judge; win rate and length-controlled win rate)"
 )
 
 
@@ -40,6 +41,8 @@ def eval_cmd(
     ] = None,
     ngram: Annotated[int, typer.Option("--ngram", min=1, help="n of the contamination n-grams (words).")] = 13,
     decontaminate: Annotated[bool, typer.Option("--decontaminate", help="Score only the items without overlap.")] = False,
+    judge: Annotated[Path | None, typer.Option("--judge", help="judge tasks: an llmctl reward run (σ of the score difference) or a chat model asked which answer is better.")] = None,
+    reply_tokens: Annotated[int, typer.Option("--reply-tokens", min=1, help="judge tasks: longest answer the model writes.")] = 128,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Tokens per scoring batch (questions × longest question; one-token choices: at most 2048).")] = 16384,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads; 0 = torch's default.")] = 0,
@@ -62,7 +65,7 @@ def eval_cmd(
         model=str(model), tasks=list(task), out=str(out), protocol=protocol, num_fewshot=num_fewshot, seed=seed,
         limit=limit, bos=bos, chat=chat, max_new_tokens=max_new_tokens,
         contamination=str(contamination) if contamination else None, ngram=ngram, decontaminate=decontaminate,
-        batch_tokens=batch_tokens, device=device, threads=threads, force=force,
+        batch_tokens=batch_tokens, judge=str(judge) if judge else None, reply_tokens=reply_tokens, device=device, threads=threads, force=force,
     )
     manifest, _ = run_eval(cfg)
     results = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))

@@ -44,6 +44,8 @@ class EvalConfig:
     ngram: int = 13
     decontaminate: bool = False
     batch_tokens: int = 16384
+    judge: str | None = None  # judge tasks: a reward run, or a chat model asked "A or B"
+    reply_tokens: int = 128  # judge tasks: longest answer the model writes
     device: str = "cpu"
     threads: int = 0
     force: bool = False
@@ -68,8 +70,13 @@ def _check(cfg: EvalConfig) -> None:
         raise UsageError("--chat applies to the generation protocol; use --protocol generation or both")
     if cfg.decontaminate and not cfg.contamination:
         raise UsageError("--decontaminate needs --contamination TRAINING_ARTIFACT")
-    for t in cfg.tasks:
-        parse_task_spec(t)
+    kinds = [parse_task_spec(t)[0] for t in cfg.tasks]
+    if "judge" in kinds and not cfg.judge:
+        raise UsageError("a judge task needs --judge RUN (an llmctl reward run, or a chat model to ask)")
+    if cfg.judge and not Path(cfg.judge).exists():
+        raise UsageError(f"--judge {cfg.judge}: not found; give an llmctl reward run, chat run or transformers directory")
+    if cfg.reply_tokens < 1:
+        raise UsageError("--reply-tokens must be ≥ 1")
 
 
 def _inputs(cfg: EvalConfig) -> list[Path]:
@@ -80,6 +87,9 @@ def _inputs(cfg: EvalConfig) -> list[Path]:
     for t in cfg.tasks:
         _, p = parse_task_spec(t)
         out += sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    if cfg.judge:
+        j = Path(cfg.judge)
+        out.append(j if (j / "manifest.json").is_file() else j / "model.safetensors")
     if cfg.contamination:
         c = Path(cfg.contamination)
         if not c.exists():
@@ -141,7 +151,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
                     if not clean:
                         console.print(f"[yellow]{r.task.name}: every item is contaminated; nothing left to score[/]")
             if r.task.items:
-                {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl}[r.task.kind](cfg, model, tok, r)
+                {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl, "judge": _run_judge}[r.task.kind](cfg, model, tok, r)
             n_scored += len(r.rows)
             write_items(stage.partial(f"items-{r.task.name}.jsonl"), r.rows)
             stage.commit(f"items-{r.task.name}.jsonl")
@@ -173,7 +183,8 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
     return {
         "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos, "chat": cfg.chat,
         "limit": cfg.limit, "ngram": cfg.ngram, "decontaminate": cfg.decontaminate,
-        "contamination": cfg.contamination, "max_new_tokens": cfg.max_new_tokens,
+        "contamination": cfg.contamination, "max_new_tokens": cfg.max_new_tokens, "judge": cfg.judge,
+        "reply_tokens": cfg.reply_tokens,
     }
 
 
@@ -344,4 +355,41 @@ def _run_ppl(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
     if keep:
         mets = perplexity.corpus_metrics([ll[i] for i in keep], [ntok[i] for i in keep], words, nbytes)
         r.metrics += [Metric(k, v, se, len(keep), "rolling") for k, (v, se) in mets.items()]
+    r.rows = rows
+
+
+def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+    from ..artifacts import read_manifest
+    from . import judge
+
+    items = r.task.items
+    jpath = Path(str(cfg.judge))
+    is_rm = (jpath / "manifest.json").is_file() and read_manifest(jpath).get("stage") == "reward"
+    device = next(model.parameters()).device
+    if is_rm:
+        prefer = judge.reward_judge(jpath, device)
+    else:
+        jm, jt = (model, tok) if jpath.resolve() == Path(cfg.model).resolve() else load_any(jpath, device)
+        prefer = judge.lm_judge(jm, jt)
+    with progress() as bar:
+        job = bar.add_task(f"{r.task.name} answers", total=len(items), unit="items")
+        outputs: list[str] = []
+        for b in range(0, len(items), 16):
+            outputs += judge.answers(model, tok, items[b : b + 16], cfg.chat, cfg.reply_tokens, cfg.bos)
+            bar.advance(job, len(items[b : b + 16]))
+    rows = judge.judge_items(prefer, items, outputs, cfg.seed, symmetric=is_rm)
+    hit = getattr(r.task, "items_contaminated", None)
+    if hit is not None:
+        for row, h in zip(rows, hit, strict=True):
+            row["contaminated"] = h
+    pref = [row["preference"] for row in rows]
+    lens, ref_lens = [row["length"] for row in rows], [row["reference_length"] for row in rows]
+    lc, lc_se = judge.lc_win_rate(pref, lens, ref_lens, cfg.seed)
+    proto = "reward" if is_rm else "lm-judge"
+    r.metrics += [
+        Metric("win_rate", *mean_se(pref), len(pref), proto),
+        Metric("lc_win_rate", lc, lc_se, len(pref), proto),
+        Metric("length", *mean_se([float(x) for x in lens]), len(lens), "characters"),
+        Metric("reference_length", *mean_se([float(x) for x in ref_lens]), len(ref_lens), "characters"),
+    ]
     r.rows = rows

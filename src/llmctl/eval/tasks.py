@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import UsageError
 
 LETTERS = string.ascii_uppercase
-KINDS = ("mmlu", "piqa", "lambada", "ppl", "jsonl")
+KINDS = ("mmlu", "piqa", "lambada", "ppl", "jsonl", "judge")
 
 
 @dataclass
@@ -98,9 +98,8 @@ def parse_task_spec(spec: str) -> tuple[str, Path]:
 
 def load_task(spec: str) -> Task:
     kind, path = parse_task_spec(spec)
-    task = {"mmlu": load_mmlu, "piqa": load_piqa, "lambada": load_lambada, "ppl": load_ppl, "jsonl": load_jsonl_spec}[
-        kind
-    ](path)
+    loaders = {"mmlu": load_mmlu, "piqa": load_piqa, "lambada": load_lambada, "ppl": load_ppl, "jsonl": load_jsonl_spec, "judge": load_judge}
+    task = loaders[kind](path)
     if not task.items:
         why = ", ".join(f"{k}: {v}" for k, v in task.skipped.items()) or "the file is empty"
         raise UsageError(f"--task {spec}: no usable item ({why}); fix the file")
@@ -316,4 +315,23 @@ def load_jsonl_spec(path: Path) -> Task:
             task.skip("gold_out_of_range")
             continue
         task.items.append(MCItem(f"{name}/{n}", ctx, [str(c) for c in choices], gold, description=desc))
+    return task
+
+
+# -- pairwise judging ------------------------------------------------------------------------------
+def load_judge(path: Path) -> Task:
+    """AlpacaEval-style ``{"instruction", "output"}`` lines (``output`` is the reference answer the
+    model is compared with; ``prompt``/``reference`` are accepted too), as JSON Lines."""
+    from .judge import JudgeItem
+
+    task = Task(path.stem, "judge", str(path), [])
+    for n, obj in _read_jsonl(path, task):
+        q = obj.get("instruction", obj.get("prompt"))
+        ref = obj.get("output", obj.get("reference"))
+        if not isinstance(q, str) or not q.strip():
+            task.skip("no_instruction")
+        elif not isinstance(ref, str) or not ref.strip():
+            task.skip("no_reference")
+        else:
+            task.items.append(JudgeItem(str(obj.get("id", n)), q.strip(), ref.strip()))
     return task

@@ -1,0 +1,157 @@
+"""Pairwise judging (AlpacaEval's protocol on local models): the model under test answers each
+instruction, a judge compares that answer with a reference answer, and the win rate is the mean
+preference for the model (REFERENCE.md, Evaluation).
+
+Judges:
+
+- a reward model (``llmctl reward`` run): preference = σ(r(model's answer) − r(reference)),
+  both scored as the reply to the same user turn; symmetric, so the order of the pair is moot.
+- a language model (an llmctl chat run or a transformers directory): asked which of "Response A"
+  and "Response B" follows the instruction better; preference = its probability of the letter
+  naming the model's answer among "A" and "B" at the next token. The order of the two answers is
+  drawn per item (seeded), since LM judges favour a position.
+
+Length control: judges favour long answers, so the preference is also fitted by a logistic
+regression on a model term θ and γ·tanh(standardised length difference) (soft labels, the
+characters of the two answers); the length-controlled win rate is σ(θ), the prediction at zero
+length difference, with a bootstrap standard error.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..chat import encode_chats, user_prompt
+from ..errors import UsageError
+from ..model.generate import SamplingParams, encode_prompt, generate
+from ..tokenizer import ROLE_MARKERS
+
+JUDGE_QUESTION = (
+    "Which response follows the instruction better?\n\nInstruction: {instruction}\n\nResponse A: {a}\n\n"
+    "Response B: {b}\n\nAnswer with A or B."
+)
+
+
+@dataclass
+class JudgeItem:
+    id: str
+    instruction: str
+    reference: str
+
+    def text(self) -> str:  # what contamination checks read
+        return self.instruction
+
+
+Judge = Callable[[list[tuple[str, str, str]]], list[float]]  # (instruction, answer, other) → p(answer better)
+
+
+def answers(model, tok, items: Sequence[JudgeItem], chat: bool, max_new_tokens: int, bos: bool) -> list[str]:
+    """The model's greedy answer to each instruction (in the chat format with ``chat``)."""
+    prompts = [encode_prompt(tok, user_prompt(it.instruction) if chat else it.instruction, bos or chat) for it in items]
+    stop = (ROLE_MARKERS["end"],) if chat else ()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    return [c.text.strip() for c in generate(model, tok, prompts, params)]
+
+
+def reward_judge(run: Path, device: torch.device) -> Judge:
+    from ..model.reward import load_reward_model, score_sequences
+    from ..tokenizer import load_tokenizer
+
+    rm, head, _ = load_reward_model(run, device)
+    tok = load_tokenizer(Path(run) / "tokenizer.model")
+
+    def prefer(pairs: list[tuple[str, str, str]]) -> list[float]:
+        convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a or " "}] for q, x, y in pairs for a in (x, y)]
+        seqs = []
+        for ct in encode_chats(tok, convs):
+            ids = getattr(ct, "ids", None)
+            if ids is None:
+                raise UsageError("the reward judge's tokenizer cannot encode an answer in its chat format")
+            seqs.append(ids[-rm.cfg.max_seq_len :])
+        r = score_sequences(rm, head, seqs, tok.pad_id)
+        return [1.0 / (1.0 + math.exp(-(r[2 * k] - r[2 * k + 1]))) for k in range(len(pairs))]
+
+    return prefer
+
+
+def lm_judge(model, tok) -> Judge:
+    """Ask ``model`` which of two responses is better; p("A") among {"A", "B"} at the next token."""
+    role_ids = getattr(tok, "role_ids", {})
+    chat = {"user", "assistant", "end"} <= set(role_ids)
+    if chat:
+        letters = [tok.encode(x) for x in ("A", "B")]
+    else:
+        letters = [tok.encode(" " + x) for x in ("A", "B")]
+    if any(len(ids) < 1 for ids in letters) or letters[0][0] == letters[1][0]:
+        raise UsageError("the judge's tokenizer cannot tell the answers A and B apart")
+    a_id, b_id = letters[0][0], letters[1][0]
+    device = model.embed_tokens.weight.device
+    ctx = model.cfg.max_seq_len
+
+    @torch.no_grad()
+    def prefer(pairs: list[tuple[str, str, str]]) -> list[float]:
+        out = []
+        for q, a, b in pairs:
+            text = JUDGE_QUESTION.format(instruction=q, a=a, b=b)
+            ids = encode_prompt(tok, user_prompt(text) if chat else text + "\nAnswer:", True)[-ctx:]
+            logits = model(torch.tensor([ids], device=device))[0, -1].float()
+            out.append(float(torch.softmax(logits[[a_id, b_id]], -1)[0]))
+        return out
+
+    return prefer
+
+
+def length_controlled(pref: Sequence[float], len_model: Sequence[int], len_ref: Sequence[int], iters: int = 50) -> tuple[float, float]:
+    """(θ, γ) of p ≈ σ(θ + γ·tanh(Δ/sd(Δ))) fitted to soft preferences by Newton's method on the
+    cross-entropy (a 1e-4 ridge keeps a unanimous preference finite); Δ = model − reference length."""
+    p = torch.tensor(pref, dtype=torch.float64)
+    d = torch.tensor(len_model, dtype=torch.float64) - torch.tensor(len_ref, dtype=torch.float64)
+    sd = float(d.std()) if len(d) > 1 else 0.0
+    x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)
+    X = torch.stack([torch.ones_like(x), x], 1)
+    w = torch.zeros(2, dtype=torch.float64)
+    ridge = 1e-4 * len(p)
+    for _ in range(iters):
+        q = torch.sigmoid(X @ w)
+        grad = X.T @ (q - p) + ridge * w
+        hess = X.T @ (X * (q * (1 - q))[:, None]) + ridge * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hess, grad)
+        w -= step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def lc_win_rate(pref: Sequence[float], len_model: Sequence[int], len_ref: Sequence[int], seed: int, boots: int = 200) -> tuple[float, float]:
+    """(length-controlled win rate σ(θ), its bootstrap standard error)."""
+    theta, _ = length_controlled(pref, len_model, len_ref)
+    rng = random.Random(seed)
+    n = len(pref)
+    samples = []
+    for _ in range(boots if n > 1 else 0):
+        idx = [rng.randrange(n) for _ in range(n)]
+        t, _ = length_controlled([pref[i] for i in idx], [len_model[i] for i in idx], [len_ref[i] for i in idx])
+        samples.append(1.0 / (1.0 + math.exp(-t)))
+    m = sum(samples) / len(samples) if samples else 0.0
+    se = math.sqrt(sum((s - m) ** 2 for s in samples) / (len(samples) - 1)) if len(samples) > 1 else 0.0
+    return 1.0 / (1.0 + math.exp(-theta)), se
+
+
+def judge_items(judge: Judge, items: Sequence[JudgeItem], outputs: Sequence[str], seed: int, symmetric: bool) -> list[dict[str, Any]]:
+    """One row per item: the model's answer, which position it took, and the preference for it."""
+    firsts = [symmetric or random.Random(f"{seed}/{it.id}").random() < 0.5 for it in items]
+    pairs = [(it.instruction, o, it.reference) if first else (it.instruction, it.reference, o)
+             for it, o, first in zip(items, outputs, firsts, strict=True)]
+    p_first = judge(pairs)
+    return [
+        {"id": it.id, "output": o, "reference": it.reference, "model_first": first,
+         "preference": p if first else 1.0 - p, "length": len(o), "reference_length": len(it.reference)}
+        for it, o, first, p in zip(items, outputs, firsts, p_first, strict=True)
+    ]
