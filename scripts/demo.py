@@ -6,7 +6,8 @@ encoding, a short pretraining run, sampling, export to transformers, perplexity 
 documentation of modules the site does not contain, and a short supervised fine-tuning run on
 questions about the site's functions (answered by their docstrings' first lines), chat, DPO on
 pairs that prefer each docstring line over its words in reverse order, a reward model on the same
-pairs, and PPO against it on the questions. It prints where each artifact is. Every step is a stage run
+pairs, PPO against it on the questions, and the PPO model's answers judged against the docstrings
+by that reward model (win rate, length-controlled). It prints where each artifact is. Every step is a stage run
 whose rerun is a no-op, so running the demo again takes seconds. Later stages append a Step to
 STEPS (a name, the artifact it writes, and a function building the llmctl arguments).
 """
@@ -213,6 +214,15 @@ STEPS: list[Step] = [
             "ppo", str(ctx.artifacts["sft"]), instruction_data(ctx), "--reward", str(ctx.artifacts["reward"]),
             "--epochs", "1", "--rollout-batch", "16", "--micro-batch", "8", "--ppo-epochs", "2",
             "--max-new-tokens", "32", "--lr", "2e-5", "--time-budget", "90",
+        ],
+    ),
+    # the PPO model's answers against the docstring lines themselves, judged by the reward model
+    Step(
+        "judge",
+        "eval-judge",
+        lambda ctx: [
+            "eval", str(ctx.artifacts["ppo"]), "--task", f"judge:{instruction_data(ctx)}", "--judge",
+            str(ctx.artifacts["reward"]), "--chat", "--reply-tokens", "48", "--limit", "48",
         ],
     ),
 ]
