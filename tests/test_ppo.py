@@ -191,7 +191,7 @@ def _trainer(yes_no, work: Path, max_steps: int) -> Trainer:
     mcfg, _, tok = load_base(cfg.base)
     prompts, _ = encode_prompts(tok, load_prompts(cfg.data, {}), 100)
     model = load_model(cfg.base)[0].train()
-    objective = PPOObjective(prompts, [], cfg, tok, cfg.reward, 6, mcfg.d_model)
+    objective = PPOObjective(prompts, [], cfg, tok, cfg.reward, mcfg.d_model)
     return Trainer(model, objective, cfg.loop_config(), work, accum_steps=2, flops_per_token=1.0, title="ppo")
 
 

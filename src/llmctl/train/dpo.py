@@ -25,21 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from ..chat import BadRecord, ChatTokens
-from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
-from .distributed import init_distributed, open_run
+from .distributed import init_distributed
 from .finetune import (
     FinetuneConfig,
-    base_model,
+    fit_and_publish,
     no_usable,
-    params_of,
     prepare,
-    publish,
     train_val,
-    write_config,
 )
-from .loop import Trainer, check_memory, estimate_train_memory
+from .loop import check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 from .preference import PairObjective, Preference, cut_left, encode_pairs, load_preferences, split_val
 from .sft import Example, collate
@@ -158,43 +154,27 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         est["total"] += mcfg.total_params() * 4
         check_memory(est, available_memory(device), f"the policy and its reference ({mcfg.total_params():,} parameters each)")
 
-        params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
-        if done:
-            if dist_ctx.is_main:
-                console.print(f"dpo: {cfg.out} is already complete (same options and data); nothing to do")
-            return manifest
-        model = base_model(cfg.base, mcfg, cfg.seed)
         objective = DPOObjective(train, val, cfg, tok.pad_id, global_pairs)
-        if dist_ctx.is_main:
-            console.print(
-                f"dpo: {len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
-                f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); β {cfg.beta}; "
-                f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
-            )
-            write_config(work, mcfg, params, cfg.base)
-        trainer = Trainer(
-            model, objective, cfg.loop_config(), work, accum_steps=accum,
-            flops_per_token=mcfg.flops_per_token(cfg.seq_len) * 4 / 3,  # + the reference's forward (2 of fwd+bwd's 6)
-            dist_ctx=dist_ctx, title="dpo",
+        headline = (
+            f"{len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
+            f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); β {cfg.beta}; "
+            f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
         )
-        result = trainer.fit()
-        if stage is None:
-            return {}
-        final = result.pop("final_eval") or {}
-        return publish(stage, model, tok_path, {
-            "train_pairs": len(train),
-            "val_pairs": len(val),
-            "truncated": trunc + trunc_val,
-            "skipped": bad,
-            "epochs": round(objective.epochs(result["steps"]), 4),
-            "global_batch_pairs": global_pairs,
-            "accum_steps": accum,
-            "world_size": world,
-            "final_val_loss": final.get("val_loss"),
-            "final_val_accuracy": final.get("val_accuracy"),
-            "final_val_margin": final.get("val_margin"),
-            **result,
-        })
+        return fit_and_publish(
+            cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
+            flops_per_token=mcfg.flops_per_token(cfg.seq_len) * 4 / 3,  # + the reference's forward (2 of fwd+bwd's 6)
+            headline=headline,
+            stats=lambda result, final: {
+                "train_pairs": len(train),
+                "val_pairs": len(val),
+                "truncated": trunc + trunc_val,
+                "skipped": bad,
+                "epochs": round(objective.epochs(result["steps"]), 4),
+                "global_batch_pairs": global_pairs,
+                "final_val_loss": final.get("val_loss"),
+                "final_val_accuracy": final.get("val_accuracy"),
+                "final_val_margin": final.get("val_margin"),
+            },
+        )
     finally:
         dist_ctx.close()

@@ -16,12 +16,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..artifacts import StageRun, require_artifact, write_json_atomic
+from ..console import console
 from ..errors import UsageError
 from ..model.config import ModelConfig
 from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_weights
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer
-from .loop import METRICS, PLOT, LoopConfig
+from .distributed import DistContext, open_run
+from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer
 
 #: runs a post-training stage can start from
 BASE_STAGES = ("pretrain", "sft", "dpo", "ppo")
@@ -198,6 +200,53 @@ def params_of(cfg: Any) -> dict[str, Any]:
 
 def write_config(work: Path, mcfg: ModelConfig, params: dict[str, Any], base: Path) -> None:
     write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params, "base": str(Path(base).resolve())})
+
+
+def fit_and_publish(
+    cfg: FinetuneConfig,
+    stage_name: str,
+    dist_ctx: DistContext,
+    mcfg: ModelConfig,
+    tok_path: Path,
+    objective: Objective,
+    *,
+    accum: int,
+    flops_per_token: float,
+    headline: str,
+    stats: Callable[[dict[str, Any], dict[str, float]], dict[str, Any]],
+    before_fit: Callable[[Trainer], None] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """What every post-training stage does once its data and batch layout are checked: open the
+    run (rank 0; a complete one with the same options and inputs is a no-op), load the base
+    weights, train ``objective`` with ``Trainer``, and publish. ``stats(result, final_eval)`` gives
+    the stage's own statistics (``Trainer.fit()``'s result and the final val metrics);
+    ``before_fit(trainer)`` runs before training, ``extra_files(work)`` writes the stage's own files
+    into the run before it is published. Returns the manifest ({} on ranks other than 0)."""
+    params = params_of(cfg)
+    stage, done, work, manifest = open_run(cfg.out, stage_name, params, cfg.inputs(), cfg.force, dist_ctx)
+    if done:
+        if dist_ctx.is_main:
+            console.print(f"{stage_name}: {cfg.out} is already complete (same options and data); nothing to do")
+        return manifest
+    model = base_model(cfg.base, mcfg, cfg.seed)
+    if dist_ctx.is_main:
+        console.print(f"{stage_name}: {headline}")
+        write_config(work, mcfg, params, cfg.base)
+    trainer = Trainer(
+        model, objective, cfg.loop_config(), work, accum_steps=accum, flops_per_token=flops_per_token,
+        dist_ctx=dist_ctx, title=stage_name,
+    )
+    if before_fit is not None:
+        before_fit(trainer)
+    result = trainer.fit()
+    if stage is None:
+        return {}
+    final = result.pop("final_eval") or {}
+    if extra_files is not None:
+        extra_files(work)
+    own = stats(result, final)
+    return publish(stage, model, tok_path, {**own, "accum_steps": accum, "world_size": dist_ctx.world_size, **result})
 
 
 def publish(run: StageRun, model: Transformer, tok_path: Path, stats: dict[str, Any]) -> dict[str, Any]:

@@ -54,19 +54,16 @@ from ..model.generate import SamplingParams, generate
 from ..model.io import TOKENIZER, read_run_config
 from ..model.reward import load_reward_model, pad_right, score_sequences
 from ..tokenizer import _unit
-from .distributed import init_distributed, open_run
+from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
-    base_model,
     count,
+    fit_and_publish,
     no_usable,
-    params_of,
     prepare,
-    publish,
     read_records,
     train_val,
-    write_config,
 )
 from .loop import Objective, Trainer, check_memory, estimate_train_memory
 from .precision import autocast, available_memory, resolve_precision
@@ -274,11 +271,10 @@ class PPOObjective(Objective):
     name = "ppo"
 
     def __init__(
-        self, train: list[list[int]], val: list[list[int]], cfg: PPOConfig, tok: Any, reward_run: Path, global_rows: int, d_model: int,
+        self, train: list[list[int]], val: list[list[int]], cfg: PPOConfig, tok: Any, reward_run: Path, d_model: int,
     ) -> None:
         self.train, self.val, self.cfg, self.tok = train, val, cfg, tok
         self.reward_run = reward_run
-        self.global_rows = global_rows
         self.order = EpochOrder(len(train), cfg.seed)
         self.rollouts = 0  # rollouts made by this rank
         self.micro = 0  # micro-batches drawn from the current rollout
@@ -290,10 +286,8 @@ class PPOObjective(Objective):
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        d = ctx.dist
-        per_rank = self.global_rows // d.world_size
-        self.rows_per_step = per_rank  # = micro_batch × accum_steps
-        self.steps_per_rollout = self.cfg.ppo_epochs * (self.cfg.rollout_batch // per_rank)
+        # each optimizer step takes micro_batch × accum_steps of this rank's rollout_batch replies
+        self.steps_per_rollout = self.cfg.ppo_epochs * (self.cfg.rollout_batch // (self.cfg.micro_batch * ctx.accum_steps))
         self.ref = copy.deepcopy(ctx.model).eval().requires_grad_(False)
         rm, head, _ = load_reward_model(self.reward_run, ctx.device)
         self.rm, self.rm_head = rm, head
@@ -504,46 +498,35 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         est["total"] += 4 * (mcfg.total_params() + rm_params)  # the frozen reference and the reward model
         check_memory(est, available_memory(device), f"the policy, its reference and the reward model ({mcfg.total_params():,} + {rm_params:,} parameters)")
 
-        params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
-        if done:
-            if dist_ctx.is_main:
-                console.print(f"ppo: {cfg.out} is already complete (same options and data); nothing to do")
-            return manifest
-        model = base_model(cfg.base, mcfg, cfg.seed)
-        objective = PPOObjective(train, val, cfg, tok, cfg.reward, global_rows, mcfg.d_model)
-        if dist_ctx.is_main:
-            console.print(
-                f"ppo: {len(train):,} train / {len(val):,} val prompts from {n_records:,} ({sum(bad.values()):,} records skipped, "
-                f"{cut + cut_val:,} prompts cut to {keep} tokens); rollouts of {cfg.rollout_batch} × {world} replies, "
-                f"{cfg.ppo_epochs} PPO epochs in batches of {global_rows} = {accum} × {cfg.micro_batch} × {world}; "
-                f"{cfg.max_steps or '—'} steps"
-            )
-            write_config(work, mcfg, params, cfg.base)
-        trainer = Trainer(
-            model, objective, cfg.loop_config(), work, accum_steps=accum,
-            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)), dist_ctx=dist_ctx, title="ppo",
+        objective = PPOObjective(train, val, cfg, tok, cfg.reward, mcfg.d_model)
+        headline = (
+            f"{len(train):,} train / {len(val):,} val prompts from {n_records:,} ({sum(bad.values()):,} records skipped, "
+            f"{cut + cut_val:,} prompts cut to {keep} tokens); rollouts of {cfg.rollout_batch} × {world} replies, "
+            f"{cfg.ppo_epochs} PPO epochs in batches of {global_rows} = {accum} × {cfg.micro_batch} × {world}; "
+            f"{cfg.max_steps or '—'} steps"
         )
-        start = trainer.evaluate(full=True)  # the starting policy's val replies (the same on resume)
-        if dist_ctx.is_main and start:
-            console.print("ppo: starting val " + " ".join(f"{k} {v:.4f}" for k, v in start.items()))
-        result = trainer.fit()
-        if stage is None:
-            return {}
-        final = result.pop("final_eval") or {}
-        return publish(stage, model, tok_path, {
-            "train_prompts": len(train),
-            "val_prompts": len(val),
-            "truncated": cut + cut_val,
-            "skipped": bad,
-            "rollouts": objective.rollouts,
-            "epochs": round(objective.epochs(), 4),
-            "global_batch_rows": global_rows,
-            "accum_steps": accum,
-            "world_size": world,
-            "start_val": start or None,
-            "final_val": final or None,
-            **result,
-        })
+        start: dict[str, float] = {}
+
+        def start_eval(trainer: Trainer) -> None:
+            # the starting policy's val replies (the same on resume: the weights are the base's until fit)
+            start.update(trainer.evaluate(full=True))
+            if dist_ctx.is_main and start:
+                console.print("ppo: starting val " + " ".join(f"{k} {v:.4f}" for k, v in start.items()))
+
+        return fit_and_publish(
+            cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
+            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)), headline=headline, before_fit=start_eval,
+            stats=lambda result, final: {
+                "train_prompts": len(train),
+                "val_prompts": len(val),
+                "truncated": cut + cut_val,
+                "skipped": bad,
+                "rollouts": objective.rollouts,
+                "epochs": round(objective.epochs(), 4),
+                "global_batch_rows": global_rows,
+                "start_val": start or None,
+                "final_val": final or None,
+            },
+        )
     finally:
         dist_ctx.close()

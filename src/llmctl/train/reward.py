@@ -24,22 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..chat import ChatTokens
-from ..console import console
 from ..device import resolve_device
 from ..model.io import save_weights
 from ..model.reward import SCORE, pad_right, rewards, score_head
-from .distributed import init_distributed, open_run
+from .distributed import init_distributed
 from .finetune import (
     FinetuneConfig,
-    base_model,
+    fit_and_publish,
     no_usable,
-    params_of,
     prepare,
-    publish,
     train_val,
-    write_config,
 )
-from .loop import Trainer, check_memory, estimate_train_memory
+from .loop import check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 from .preference import PairObjective, encode_pairs, load_preferences, split_val
 
@@ -132,41 +128,26 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         est = estimate_train_memory(mcfg, 2 * cfg.micro_batch, int(cfg.seq_len), cfg.optimizer, precision)
         check_memory(est, available_memory(device), f"the reward model ({mcfg.total_params():,} parameters)")
 
-        params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
-        if done:
-            if dist_ctx.is_main:
-                console.print(f"reward: {cfg.out} is already complete (same options and data); nothing to do")
-            return manifest
-        model = base_model(cfg.base, mcfg, cfg.seed)
         objective = RewardObjective(train, val, cfg, tok.pad_id, global_pairs, mcfg.d_model)
-        if dist_ctx.is_main:
-            console.print(
-                f"reward: {len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
-                f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); "
-                f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
-            )
-            write_config(work, mcfg, params, cfg.base)
-        trainer = Trainer(
-            model, objective, cfg.loop_config(), work, accum_steps=accum,
-            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)), dist_ctx=dist_ctx, title="reward",
+        headline = (
+            f"{len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
+            f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); "
+            f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
         )
-        result = trainer.fit()
-        if stage is None:
-            return {}
-        final = result.pop("final_eval") or {}
-        save_weights(objective.head, work / SCORE)
-        return publish(stage, model, tok_path, {
-            "train_pairs": len(train),
-            "val_pairs": len(val),
-            "truncated": trunc + trunc_val,
-            "skipped": bad,
-            "epochs": round(objective.epochs(result["steps"]), 4),
-            "global_batch_pairs": global_pairs,
-            "accum_steps": accum,
-            "world_size": world,
-            **{f"final_{k}": final.get(k) for k in ("val_loss", "val_accuracy", "val_margin", "val_score_mean", "val_score_std")},
-            **result,
-        })
+        keys = ("val_loss", "val_accuracy", "val_margin", "val_score_mean", "val_score_std")
+        return fit_and_publish(
+            cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
+            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)), headline=headline,
+            extra_files=lambda work: save_weights(objective.head, work / SCORE),
+            stats=lambda result, final: {
+                "train_pairs": len(train),
+                "val_pairs": len(val),
+                "truncated": trunc + trunc_val,
+                "skipped": bad,
+                "epochs": round(objective.epochs(result["steps"]), 4),
+                "global_batch_pairs": global_pairs,
+                **{f"final_{k}": final.get(k) for k in keys},
+            },
+        )
     finally:
         dist_ctx.close()

@@ -35,25 +35,21 @@ from typing import Any, ClassVar
 import torch
 
 from ..chat import BadRecord, encode_chats, render_prompt, to_messages
-from ..console import console
 from ..device import resolve_device
 from ..model.transformer import lm_loss
 from ..tokenizer import _unit
-from .distributed import init_distributed, open_run
+from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
-    base_model,
     count,
+    fit_and_publish,
     no_usable,
-    params_of,
     prepare,
-    publish,
     read_records,
     train_val,
-    write_config,
 )
-from .loop import Objective, Trainer, check_memory, estimate_train_memory
+from .loop import Objective, check_memory, estimate_train_memory
 from .precision import available_memory, resolve_precision
 
 STAGE = "sft"
@@ -278,48 +274,30 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
         check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
 
-        params = params_of(cfg)
-        stage, done, work, manifest = open_run(cfg.out, STAGE, params, cfg.inputs(), cfg.force, dist_ctx)
-        if done:
-            if dist_ctx.is_main:
-                console.print(f"sft: {cfg.out} is already complete (same options and data); nothing to do")
-            return manifest
-
-        model = base_model(cfg.base, mcfg, cfg.seed)
-        fpt = mcfg.flops_per_token(cfg.seq_len)
         packed_tokens = sum(len(e.inputs) for e in train)
         fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
-        if dist_ctx.is_main:
-            console.print(
-                f"sft: {len(train):,} train / {len(val):,} val examples from {n_convs:,} conversations "
-                f"({sum(bad.values()):,} records skipped); {len(objective.rows):,} rows of ≤ {cfg.seq_len} tokens"
-                + (f" (packed, {fill:.0%} full)" if fill is not None else "")
-                + f"; global batch {global_rows} rows = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
-            )
-            write_config(work, mcfg, params, cfg.base)
-        trainer = Trainer(
-            model, objective, cfg.loop_config(), work, accum_steps=accum, flops_per_token=fpt,
-            dist_ctx=dist_ctx, title="sft",
+        headline = (
+            f"{len(train):,} train / {len(val):,} val examples from {n_convs:,} conversations "
+            f"({sum(bad.values()):,} records skipped); {len(objective.rows):,} rows of ≤ {cfg.seq_len} tokens"
+            + (f" (packed, {fill:.0%} full)" if fill is not None else "")
+            + f"; global batch {global_rows} rows = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
         )
-        result = trainer.fit()
-        if stage is None:
-            return {}
-        final = result.pop("final_eval") or {}
-        return publish(stage, model, tok_path, {
-            "train_examples": len(train),
-            "val_examples": len(val),
-            "train_target_tokens": sum(e.n_targets for e in train),
-            "truncated": trunc_train + trunc_val,
-            "skipped": bad,
-            "rows": len(objective.rows),
-            "packing_fill": None if fill is None else round(fill, 4),
-            "epochs": round(objective.epochs(result["steps"]), 4),
-            "global_batch_rows": global_rows,
-            "accum_steps": accum,
-            "world_size": world,
-            "final_val_loss": final.get("val_loss"),
-            "final_val_ppl": final.get("val_ppl"),
-            **result,
-        })
+        return fit_and_publish(
+            cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
+            flops_per_token=mcfg.flops_per_token(cfg.seq_len), headline=headline,
+            stats=lambda result, final: {
+                "train_examples": len(train),
+                "val_examples": len(val),
+                "train_target_tokens": sum(e.n_targets for e in train),
+                "truncated": trunc_train + trunc_val,
+                "skipped": bad,
+                "rows": len(objective.rows),
+                "packing_fill": None if fill is None else round(fill, 4),
+                "epochs": round(objective.epochs(result["steps"]), 4),
+                "global_batch_rows": global_rows,
+                "final_val_loss": final.get("val_loss"),
+                "final_val_ppl": final.get("val_ppl"),
+            },
+        )
     finally:
         dist_ctx.close()
