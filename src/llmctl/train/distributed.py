@@ -50,6 +50,12 @@ class DistContext:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> DistContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def init_distributed(device_type: str) -> DistContext:
     """Join the torchrun process group if the environment describes one."""

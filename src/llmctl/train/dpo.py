@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,30 +29,27 @@ from ..device import resolve_device
 from ..errors import UsageError
 from .distributed import init_distributed
 from .finetune import (
-    FinetuneConfig,
+    check_fits,
     fit_and_publish,
-    no_usable,
     prepare,
-    train_val,
 )
-from .loop import check_memory, estimate_train_memory
-from .precision import available_memory, resolve_precision
-from .preference import PairObjective, Preference, cut_left, encode_pairs, load_preferences, split_val
+from .preference import (
+    PairConfig,
+    PairObjective,
+    cut_left,
+    read_pairs,
+)
 from .sft import Example, collate
 
 STAGE = "dpo"
 
 
 @dataclass
-class DPOConfig(FinetuneConfig):
-    """Every option of ``llmctl dpo`` (the loop's and the post-training stages' options, plus β)."""
-
-    unit: ClassVar[str] = "pairs"
-    what: ClassVar[str] = "preference data"
+class DPOConfig(PairConfig):
+    """Every option of ``llmctl dpo`` (the loop's and the pair stages' options, plus β)."""
 
     beta: float = 0.1
     micro_batch: int = 4
-    lr: float = 1e-5
 
 
 @dataclass
@@ -66,11 +63,6 @@ def _side(ct: ChatTokens | BadRecord, seq_len: int) -> tuple[Example, bool]:
     only); (example, truncated). Raises BadRecord if the reply itself does not fit."""
     ct, cut = cut_left(ct, seq_len + 1)
     return Example(*ct.targets()), cut
-
-
-def tokenize_pairs(tok: Any, prefs: list[Preference], seq_len: int, bad: dict[str, int]) -> tuple[list[Pair], int]:
-    pairs, truncated = encode_pairs(tok, prefs, seq_len + 1, bad)
-    return [Pair(Example(*c.targets()), Example(*r.targets())) for c, r in pairs], truncated
 
 
 def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -135,40 +127,25 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.beta <= 0:
         raise UsageError(f"--beta {cfg.beta}: give --beta > 0")
     mcfg, tok_path, tok = prepare(cfg)
-    bad: dict[str, int] = {}
-    train_prefs, val_prefs, n_records = train_val(cfg, load_preferences, split_val, bad)
-    train, trunc = tokenize_pairs(tok, train_prefs, cfg.seq_len, bad)
-    val, trunc_val = tokenize_pairs(tok, val_prefs, cfg.seq_len, bad)
-    if not train:
-        raise no_usable("preference pairs", cfg, bad)
-
+    data = read_pairs(cfg, tok, int(cfg.seq_len) + 1)  # + 1: a side's inputs and targets are its ids shifted by one
+    train = [Pair(Example(*c.targets()), Example(*r.targets())) for c, r in data.train]
+    val = [Pair(Example(*c.targets()), Example(*r.targets())) for c, r in data.val]
     device = resolve_device(cfg.device)
-    dist_ctx = init_distributed(device.type)
-    try:
+    with init_distributed(device.type) as dist_ctx:
         world = dist_ctx.world_size
         global_pairs, accum = cfg.batch_layout(world)
         cfg.steps_from_epochs(len(train), global_pairs)
-        precision = resolve_precision(cfg.precision, device)
         # two rows per pair, and a second (frozen, gradient-free) copy of the weights
-        est = estimate_train_memory(mcfg, 2 * cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
-        est["total"] += mcfg.total_params() * 4
-        check_memory(est, available_memory(device), f"the policy and its reference ({mcfg.total_params():,} parameters each)")
-
+        check_fits(cfg, mcfg, device, 2 * cfg.micro_batch, f"the policy and its reference ({mcfg.total_params():,} parameters each)",
+                   frozen_params=mcfg.total_params())
         objective = DPOObjective(train, val, cfg, tok.pad_id, global_pairs)
-        headline = (
-            f"{len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
-            f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); β {cfg.beta}; "
-            f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
-        )
         return fit_and_publish(
             cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
             flops_per_token=mcfg.flops_per_token(cfg.seq_len) * 4 / 3,  # + the reference's forward (2 of fwd+bwd's 6)
-            headline=headline,
+            headline=f"{data.describe(cfg.seq_len)}; β {cfg.beta}; global batch {global_pairs} pairs = {accum} × "
+            f"{cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps",
             stats=lambda result, final: {
-                "train_pairs": len(train),
-                "val_pairs": len(val),
-                "truncated": trunc + trunc_val,
-                "skipped": bad,
+                **data.stats(),
                 "epochs": round(objective.epochs(result["steps"]), 4),
                 "global_batch_pairs": global_pairs,
                 "final_val_loss": final.get("val_loss"),
@@ -176,5 +153,3 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
                 "final_val_margin": final.get("val_margin"),
             },
         )
-    finally:
-        dist_ctx.close()

@@ -23,7 +23,8 @@ from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer
 from .distributed import DistContext, open_run
-from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer
+from .loop import METRICS, PLOT, LoopConfig, Objective, Trainer, check_memory, estimate_train_memory
+from .precision import available_memory, resolve_precision
 
 #: runs a post-training stage can start from
 BASE_STAGES = ("pretrain", "sft", "dpo", "ppo")
@@ -200,6 +201,14 @@ def params_of(cfg: Any) -> dict[str, Any]:
 
 def write_config(work: Path, mcfg: ModelConfig, params: dict[str, Any], base: Path) -> None:
     write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params, "base": str(Path(base).resolve())})
+
+
+def check_fits(cfg: FinetuneConfig, mcfg: ModelConfig, device: torch.device, rows: int, what: str, frozen_params: int = 0) -> None:
+    """Refuse before allocating when training ``rows`` rows of ``seq_len`` per micro-batch, plus
+    frozen fp32 copies of ``frozen_params`` parameters (a reference, a reward model), does not fit."""
+    est = estimate_train_memory(mcfg, rows, int(cfg.seq_len), cfg.optimizer, resolve_precision(cfg.precision, device))
+    est["total"] += 4 * frozen_params
+    check_memory(est, available_memory(device), what)
 
 
 def fit_and_publish(

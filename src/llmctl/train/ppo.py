@@ -58,6 +58,7 @@ from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
+    check_fits,
     count,
     fit_and_publish,
     no_usable,
@@ -65,8 +66,8 @@ from .finetune import (
     read_records,
     train_val,
 )
-from .loop import Objective, Trainer, check_memory, estimate_train_memory
-from .precision import autocast, available_memory, resolve_precision
+from .loop import Objective, Trainer
+from .precision import autocast
 
 STAGE = "ppo"
 #: per-token arrays of a rollout, aligned with each reply's tokens
@@ -478,8 +479,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         raise no_usable("prompts", cfg, bad)
 
     device = resolve_device(cfg.device)
-    dist_ctx = init_distributed(device.type)
-    try:
+    with init_distributed(device.type) as dist_ctx:
         world = dist_ctx.world_size
         global_rows, accum = cfg.batch_layout(world)
         per_rank = global_rows // world
@@ -492,11 +492,12 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         if not cfg.max_steps and cfg.epochs > 0:
             rollouts = max(1, math.ceil(cfg.epochs * len(train) / (cfg.rollout_batch * world)))
             cfg.max_steps = rollouts * steps_per_rollout
-        precision = resolve_precision(cfg.precision, device)
         rm_params = ModelConfig.from_dict(read_run_config(cfg.reward)["model"]).total_params()
-        est = estimate_train_memory(mcfg, cfg.micro_batch, int(cfg.seq_len), cfg.optimizer, precision)
-        est["total"] += 4 * (mcfg.total_params() + rm_params)  # the frozen reference and the reward model
-        check_memory(est, available_memory(device), f"the policy, its reference and the reward model ({mcfg.total_params():,} + {rm_params:,} parameters)")
+        check_fits(
+            cfg, mcfg, device, cfg.micro_batch,
+            f"the policy, its reference and the reward model ({mcfg.total_params():,} + {rm_params:,} parameters)",
+            frozen_params=mcfg.total_params() + rm_params,  # the frozen reference and the reward model
+        )
 
         objective = PPOObjective(train, val, cfg, tok, cfg.reward, mcfg.d_model)
         headline = (
@@ -528,5 +529,3 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 "final_val": final or None,
             },
         )
-    finally:
-        dist_ctx.close()

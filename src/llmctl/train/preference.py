@@ -11,17 +11,61 @@ dropped as ``reply_too_long``.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..chat import BadRecord, ChatTokens, Message, encode_chats, render_prompt, to_preference
 from ..tokenizer import _unit
-from .finetune import EpochOrder, count, read_records
+from .finetune import EpochOrder, FinetuneConfig, count, no_usable, read_records, train_val
 from .loop import Objective
 
 Preference = tuple[list[Message], Message, Message]
+PairTokens = tuple[ChatTokens, ChatTokens]
+
+
+@dataclass
+class PairConfig(FinetuneConfig):
+    """The options of the stages that learn from preference pairs (reward, dpo)."""
+
+    unit: ClassVar[str] = "pairs"
+    what: ClassVar[str] = "preference data"
+
+    lr: float = 1e-5
+
+
+@dataclass
+class PairData:
+    """The train and val pairs of a run, with what reading them counted."""
+
+    train: list[PairTokens]
+    val: list[PairTokens]
+    records: int
+    truncated: int
+    bad: dict[str, int] = field(default_factory=dict)
+
+    def describe(self, seq_len: int) -> str:
+        return (
+            f"{len(self.train):,} train / {len(self.val):,} val pairs from {self.records:,} records "
+            f"({sum(self.bad.values()):,} skipped, {self.truncated:,} prompts cut to {seq_len} tokens)"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {"train_pairs": len(self.train), "val_pairs": len(self.val), "truncated": self.truncated, "skipped": self.bad}
+
+
+def read_pairs(cfg: PairConfig, tok: Any, keep: int) -> PairData:
+    """DATA (and ``--val``, or a hashed val split) as token pairs of at most ``keep`` ids each;
+    raises the "no usable pairs" error when no train pair is left."""
+    bad: dict[str, int] = {}
+    train_prefs, val_prefs, n_records = train_val(cfg, load_preferences, split_val, bad)
+    train, cut = encode_pairs(tok, train_prefs, keep, bad)
+    val, cut_val = encode_pairs(tok, val_prefs, keep, bad)
+    if not train:
+        raise no_usable("preference pairs", cfg, bad)
+    return PairData(train, val, n_records, cut + cut_val, bad)
 
 
 def load_preferences(paths: list[Path], bad: dict[str, int]) -> list[Preference]:
@@ -56,7 +100,7 @@ def cut_left(ct: ChatTokens | BadRecord, keep: int) -> tuple[ChatTokens, bool]:
     return ChatTokens(ct.ids[cut:], ct.trained[cut:]), True
 
 
-def encode_pairs(tok: Any, prefs: list[Preference], keep: int, bad: dict[str, int]) -> tuple[list[tuple[ChatTokens, ChatTokens]], int]:
+def encode_pairs(tok: Any, prefs: list[Preference], keep: int, bad: dict[str, int]) -> tuple[list[PairTokens], int]:
     """Both sides of each pair as tokens of at most ``keep`` ids (BOS … EOS, the final reply trained);
     (pairs, how many had a side cut). Unusable pairs are counted in ``bad`` by reason."""
     sides = encode_chats(tok, [[*p, reply] for p, c, r in prefs for reply in (c, r)], last_only=True)

@@ -17,7 +17,7 @@ does not fit is dropped. The run holds the backbone (``model.safetensors``) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +29,20 @@ from ..model.io import save_weights
 from ..model.reward import SCORE, pad_right, rewards, score_head
 from .distributed import init_distributed
 from .finetune import (
-    FinetuneConfig,
+    check_fits,
     fit_and_publish,
-    no_usable,
     prepare,
-    train_val,
 )
-from .loop import check_memory, estimate_train_memory
-from .precision import available_memory, resolve_precision
-from .preference import PairObjective, encode_pairs, load_preferences, split_val
+from .preference import PairConfig, PairObjective, read_pairs
 
 STAGE = "reward"
 
 
 @dataclass
-class RewardConfig(FinetuneConfig):
-    """Every option of ``llmctl reward`` (the loop's and the post-training stages' options)."""
-
-    unit: ClassVar[str] = "pairs"
-    what: ClassVar[str] = "preference data"
+class RewardConfig(PairConfig):
+    """Every option of ``llmctl reward`` (the loop's and the pair stages' options)."""
 
     micro_batch: int = 8
-    lr: float = 1e-5
 
 
 def pair_rows(pairs: list[tuple[ChatTokens, ChatTokens]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,43 +103,25 @@ class RewardObjective(PairObjective):
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train (or resume) and publish the reward model; return its manifest."""
     mcfg, tok_path, tok = prepare(cfg)
-    bad: dict[str, int] = {}
-    train_prefs, val_prefs, n_records = train_val(cfg, load_preferences, split_val, bad)
-    train, trunc = encode_pairs(tok, train_prefs, int(cfg.seq_len), bad)
-    val, trunc_val = encode_pairs(tok, val_prefs, int(cfg.seq_len), bad)
-    if not train:
-        raise no_usable("preference pairs", cfg, bad)
-
+    data = read_pairs(cfg, tok, int(cfg.seq_len))
     device = resolve_device(cfg.device)
-    dist_ctx = init_distributed(device.type)
-    try:
+    with init_distributed(device.type) as dist_ctx:
         world = dist_ctx.world_size
         global_pairs, accum = cfg.batch_layout(world)
-        cfg.steps_from_epochs(len(train), global_pairs)
-        precision = resolve_precision(cfg.precision, device)
-        est = estimate_train_memory(mcfg, 2 * cfg.micro_batch, int(cfg.seq_len), cfg.optimizer, precision)
-        check_memory(est, available_memory(device), f"the reward model ({mcfg.total_params():,} parameters)")
-
-        objective = RewardObjective(train, val, cfg, tok.pad_id, global_pairs, mcfg.d_model)
-        headline = (
-            f"{len(train):,} train / {len(val):,} val pairs from {n_records:,} records "
-            f"({sum(bad.values()):,} skipped, {trunc + trunc_val:,} prompts cut to {cfg.seq_len} tokens); "
-            f"global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × {world}; {cfg.max_steps or '—'} steps"
-        )
+        cfg.steps_from_epochs(len(data.train), global_pairs)
+        check_fits(cfg, mcfg, device, 2 * cfg.micro_batch, f"the reward model ({mcfg.total_params():,} parameters)")
+        objective = RewardObjective(data.train, data.val, cfg, tok.pad_id, global_pairs, mcfg.d_model)
         keys = ("val_loss", "val_accuracy", "val_margin", "val_score_mean", "val_score_std")
         return fit_and_publish(
             cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,
-            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)), headline=headline,
+            flops_per_token=mcfg.flops_per_token(int(cfg.seq_len)),
+            headline=f"{data.describe(int(cfg.seq_len))}; global batch {global_pairs} pairs = {accum} × {cfg.micro_batch} × "
+            f"{world}; {cfg.max_steps or '—'} steps",
             extra_files=lambda work: save_weights(objective.head, work / SCORE),
             stats=lambda result, final: {
-                "train_pairs": len(train),
-                "val_pairs": len(val),
-                "truncated": trunc + trunc_val,
-                "skipped": bad,
+                **data.stats(),
                 "epochs": round(objective.epochs(result["steps"]), 4),
                 "global_batch_pairs": global_pairs,
                 **{f"final_{k}": final.get(k) for k in keys},
             },
         )
-    finally:
-        dist_ctx.close()

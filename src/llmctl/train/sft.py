@@ -42,6 +42,7 @@ from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
+    check_fits,
     count,
     fit_and_publish,
     no_usable,
@@ -49,8 +50,7 @@ from .finetune import (
     read_records,
     train_val,
 )
-from .loop import Objective, check_memory, estimate_train_memory
-from .precision import available_memory, resolve_precision
+from .loop import Objective
 
 STAGE = "sft"
 
@@ -264,15 +264,12 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         raise no_usable("training examples", cfg, bad)
 
     device = resolve_device(cfg.device)
-    dist_ctx = init_distributed(device.type)
-    try:
+    with init_distributed(device.type) as dist_ctx:
         world = dist_ctx.world_size
         global_rows, accum = cfg.batch_layout(world)
         objective = SFTObjective(train, val, cfg, tok.pad_id, global_rows)
         cfg.steps_from_epochs(len(objective.rows), global_rows)
-        precision = resolve_precision(cfg.precision, device)
-        est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
-        check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
+        check_fits(cfg, mcfg, device, cfg.micro_batch, f"the model ({mcfg.total_params():,} parameters)")
 
         packed_tokens = sum(len(e.inputs) for e in train)
         fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
@@ -299,5 +296,3 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                 "final_val_ppl": final.get("val_ppl"),
             },
         )
-    finally:
-        dist_ctx.close()
