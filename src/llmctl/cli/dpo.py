@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..console import or_na, summary
 from . import app
-from .common import ConfigOpt, ForceOpt, SeedOpt
 from .train_options import (
     DATA,
     OPT,
-    STOP,
-    CheckpointEveryOpt,
-    CompileOpt,
-    DeviceOpt,
-    EvalEveryOpt,
-    FinetuneMaxStepsOpt,
-    GradClipOpt,
-    KeepCheckpointsOpt,
-    LogEveryOpt,
-    LrOpt,
-    MaxTokensOpt,
-    MinLrOpt,
-    PrecisionOpt,
-    ScheduleOpt,
-    TimeBudgetOpt,
-    ValFractionOpt,
-    ValOpt,
-    WarmupOpt,
-    WeightDecayOpt,
     config_from,
+    finetune_options,
 )
 
 
@@ -44,36 +25,16 @@ from .train_options import (
         "Rerun the same command after an interruption to resume from the last checkpoint."
     ),
 )
+@finetune_options("pairs", lr=1e-5)
 def dpo_cmd(
     base: Annotated[Path, typer.Argument(help="Run to start from and to use, frozen, as the reference (usually llmctl sft output).")],
     data: Annotated[list[Path], typer.Argument(help="Preference pairs: .json or .jsonl (.gz too) of HH-RLHF chosen/rejected dialogues or prompt/chosen/rejected records.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
-    val: ValOpt = None,
-    val_fraction: ValFractionOpt = 0.05,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Row length in tokens (default: the base model's context); longer prompts lose their start.", rich_help_panel=DATA)] = None,
     beta: Annotated[float, typer.Option("--beta", help="β: how far the policy may move from the reference (larger = closer).", rich_help_panel=OPT)] = 0.1,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Pairs per forward/backward on each rank.", rich_help_panel=OPT)] = 4,
     global_batch: Annotated[int, typer.Option("--global-batch", help="Pairs per optimizer step over all ranks (gradient accumulation fills it); 0 = one micro-batch per rank.", rich_help_panel=OPT)] = 0,
-    lr: LrOpt = 1e-5,
-    min_lr_ratio: MinLrOpt = 0.0,
-    schedule: ScheduleOpt = "cosine",
-    warmup_steps: WarmupOpt = 10,
-    weight_decay: WeightDecayOpt = 0.0,
-    grad_clip: GradClipOpt = 1.0,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training pairs; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=STOP)] = 1.0,
-    max_steps: FinetuneMaxStepsOpt = 0,
-    max_tokens: MaxTokensOpt = 0,
-    time_budget: TimeBudgetOpt = 0.0,
-    log_every: LogEveryOpt = 10,
-    eval_every: EvalEveryOpt = 0,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    keep_checkpoints: KeepCheckpointsOpt = 3,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
+    **common: Any,
 ) -> None:
     """Tune a run to prefer the chosen reply of each pair over the rejected one (DPO), against a
     frozen copy of itself; no reward model and no sampling.
@@ -83,7 +44,7 @@ def dpo_cmd(
     """
     from ..train.dpo import DPOConfig, run
 
-    m = run(config_from(DPOConfig, locals()))
+    m = run(config_from(DPOConfig, {**locals(), **common}))
     if not m:  # a non-zero data-parallel rank
         return
     s = m["stats"]

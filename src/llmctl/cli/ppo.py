@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..console import or_na, summary
 from . import app
-from .common import ConfigOpt, ForceOpt, SeedOpt
 from .train_options import (
     DATA,
     OPT,
     RL,
-    STOP,
-    CheckpointEveryOpt,
-    CompileOpt,
-    DeviceOpt,
-    EvalEveryOpt,
-    FinetuneMaxStepsOpt,
-    GradClipOpt,
-    KeepCheckpointsOpt,
-    LogEveryOpt,
-    LrOpt,
-    MaxTokensOpt,
-    MinLrOpt,
-    PrecisionOpt,
-    ScheduleOpt,
-    TimeBudgetOpt,
-    ValFractionOpt,
-    ValOpt,
-    WarmupOpt,
-    WeightDecayOpt,
     config_from,
+    finetune_options,
 )
 
 
@@ -45,13 +26,12 @@ from .train_options import (
         "Rerun the same command after an interruption to resume from the last checkpoint."
     ),
 )
+@finetune_options("prompts", lr=1e-5)
 def ppo_cmd(
     base: Annotated[Path, typer.Argument(help="Chat run to start from and to keep close to, frozen, as the KL reference (usually llmctl sft output).")],
     data: Annotated[list[Path], typer.Argument(help="Prompts: .txt (one per line), or .json/.jsonl (.gz too) records with a prompt (text or messages), HH-RLHF dialogues, or any sft layout (cut before its last reply).")],
     reward: Annotated[Path, typer.Option("--reward", help="llmctl reward run that scores the replies (same tokenizer as BASE).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
-    val: ValOpt = None,
-    val_fraction: ValFractionOpt = 0.05,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Prompt + reply length in tokens (default: the base model's context); longer prompts lose their start.", rich_help_panel=DATA)] = None,
     rollout_batch: Annotated[int, typer.Option("--rollout-batch", help="Prompts answered per rollout on each rank.", rich_help_panel=RL)] = 16,
     ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", help="Passes of PPO updates over each rollout.", rich_help_panel=RL)] = 4,
@@ -67,26 +47,7 @@ def ppo_cmd(
     missing_end_penalty: Annotated[float, typer.Option("--missing-end-penalty", help="Subtracted from the score of a reply cut at --max-new-tokens.", rich_help_panel=RL)] = 0.0,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Replies per forward/backward on each rank.", rich_help_panel=OPT)] = 8,
     global_batch: Annotated[int, typer.Option("--global-batch", help="Replies per optimizer step over all ranks (gradient accumulation fills it); 0 = one micro-batch per rank.", rich_help_panel=OPT)] = 0,
-    lr: LrOpt = 1e-5,
-    min_lr_ratio: MinLrOpt = 0.0,
-    schedule: ScheduleOpt = "cosine",
-    warmup_steps: WarmupOpt = 10,
-    weight_decay: WeightDecayOpt = 0.0,
-    grad_clip: GradClipOpt = 1.0,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training prompts; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=STOP)] = 1.0,
-    max_steps: FinetuneMaxStepsOpt = 0,
-    max_tokens: MaxTokensOpt = 0,
-    time_budget: TimeBudgetOpt = 0.0,
-    log_every: LogEveryOpt = 10,
-    eval_every: EvalEveryOpt = 0,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    keep_checkpoints: KeepCheckpointsOpt = 3,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
+    **common: Any,
 ) -> None:
     """Reinforcement learning from a reward model (PPO): sample replies to the prompts, score them
     with --reward, subtract a KL penalty against the starting model, and update the policy and a
@@ -98,7 +59,7 @@ def ppo_cmd(
     """
     from ..train.ppo import PPOConfig, run
 
-    m = run(config_from(PPOConfig, locals()))
+    m = run(config_from(PPOConfig, {**locals(), **common}))
     if not m:  # a non-zero data-parallel rank
         return
     s = m["stats"]

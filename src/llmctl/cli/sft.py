@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..console import or_na, summary
 from . import app
-from .common import ConfigOpt, ForceOpt, SeedOpt
 from .train_options import (
     DATA,
     OPT,
-    STOP,
-    CheckpointEveryOpt,
-    CompileOpt,
-    DeviceOpt,
-    EvalEveryOpt,
-    FinetuneMaxStepsOpt,
-    GradClipOpt,
-    KeepCheckpointsOpt,
-    LogEveryOpt,
-    LrOpt,
-    MaxTokensOpt,
-    MinLrOpt,
-    PrecisionOpt,
-    ScheduleOpt,
-    TimeBudgetOpt,
-    ValFractionOpt,
-    ValOpt,
-    WarmupOpt,
-    WeightDecayOpt,
     config_from,
+    finetune_options,
 )
 
 
@@ -44,36 +25,16 @@ from .train_options import (
         "Rerun the same command after an interruption to resume from the last checkpoint."
     ),
 )
+@finetune_options("rows", lr=1e-4, epochs=3.0)
 def sft_cmd(
     base: Annotated[Path, typer.Argument(help="Run to start from (llmctl pretrain or sft output).")],
     data: Annotated[list[Path], typer.Argument(help="Instruction data: .json (an array) or .jsonl files, .gz too: messages, Alpaca instruction/input/output, seed-task instances or prompt/completion records.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
-    val: ValOpt = None,
-    val_fraction: ValFractionOpt = 0.05,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Row length in tokens (default: the base model's context); longer examples are cut.", rich_help_panel=DATA)] = None,
     packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack examples into full rows (position ids restart, no cross-example attention).", rich_help_panel=DATA)] = True,
     micro_batch: Annotated[int, typer.Option("--micro-batch", help="Rows per forward/backward on each rank.", rich_help_panel=OPT)] = 8,
     global_batch: Annotated[int, typer.Option("--global-batch", help="Rows per optimizer step over all ranks (gradient accumulation fills it); 0 = one micro-batch per rank.", rich_help_panel=OPT)] = 0,
-    lr: LrOpt = 1e-4,
-    min_lr_ratio: MinLrOpt = 0.0,
-    schedule: ScheduleOpt = "cosine",
-    warmup_steps: WarmupOpt = 10,
-    weight_decay: WeightDecayOpt = 0.0,
-    grad_clip: GradClipOpt = 1.0,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    device: DeviceOpt = "auto",
-    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training rows; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=STOP)] = 3.0,
-    max_steps: FinetuneMaxStepsOpt = 0,
-    max_tokens: MaxTokensOpt = 0,
-    time_budget: TimeBudgetOpt = 0.0,
-    log_every: LogEveryOpt = 10,
-    eval_every: EvalEveryOpt = 0,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    keep_checkpoints: KeepCheckpointsOpt = 3,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
+    **common: Any,
 ) -> None:
     """Fine-tune a pretrained run on instruction/chat data, with the loss on the assistant replies only.
 
@@ -82,7 +43,7 @@ def sft_cmd(
     """
     from ..train.sft import SFTConfig, run
 
-    m = run(config_from(SFTConfig, locals()))
+    m = run(config_from(SFTConfig, {**locals(), **common}))
     if not m:  # a non-zero data-parallel rank
         return
     s = m["stats"]

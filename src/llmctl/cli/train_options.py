@@ -6,11 +6,16 @@ Each alias carries the option's name, help and panel; a command gives its own de
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+
+from .common import ConfigOpt, ForceOpt, SeedOpt
 
 OPT = "Optimization"
 STOP = "Stopping, eval and checkpoints"
@@ -39,6 +44,41 @@ ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction 
 FinetuneMaxStepsOpt = Annotated[int, typer.Option("--max-steps", help="Stop after this many optimizer steps (0 = from --epochs).", rich_help_panel=STOP)]
 
 C = TypeVar("C")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def finetune_options(epoch_unit: str, *, lr: float, epochs: float = 1.0) -> Callable[[F], F]:
+    """Give a post-training command (sft, reward, dpo, ppo) the options they all share, after its
+    own parameters: the val split, the optimizer and schedule, precision and device, the stopping
+    rules, logging and checkpoints, --seed, --force and --config. The command takes them as
+    ``**common``; ``lr`` and ``epochs`` are the stage's defaults, ``epoch_unit`` names what an
+    epoch passes over in --epochs' help."""
+    EpochsOpt = Annotated[float, typer.Option("--epochs", help=f"Passes over the training {epoch_unit}; sets the step count unless --max-steps is given (0 = no epoch limit).", rich_help_panel=STOP)]
+    shared = [
+        ("val", ValOpt, None), ("val_fraction", ValFractionOpt, 0.05),
+        ("lr", LrOpt, lr), ("min_lr_ratio", MinLrOpt, 0.0), ("schedule", ScheduleOpt, "cosine"),
+        ("warmup_steps", WarmupOpt, 10), ("weight_decay", WeightDecayOpt, 0.0), ("grad_clip", GradClipOpt, 1.0),
+        ("precision", PrecisionOpt, "auto"), ("compile", CompileOpt, False), ("device", DeviceOpt, "auto"),
+        ("epochs", EpochsOpt, epochs), ("max_steps", FinetuneMaxStepsOpt, 0), ("max_tokens", MaxTokensOpt, 0),
+        ("time_budget", TimeBudgetOpt, 0.0), ("log_every", LogEveryOpt, 10), ("eval_every", EvalEveryOpt, 0),
+        ("checkpoint_every", CheckpointEveryOpt, 0), ("keep_checkpoints", KeepCheckpointsOpt, 3),
+        ("seed", SeedOpt, 0), ("force", ForceOpt, False), ("config", ConfigOpt, None),
+    ]
+
+    def decorate(fn: F) -> F:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params = own + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=a) for n, a, d in shared]
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            return fn(**kw)
+
+        # typer reads the parameters from the signature (and type hints): the command's own, then the shared ones
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command  # type: ignore[return-value]
+
+    return decorate
 
 
 def config_from(cls: type[C], values: dict[str, Any]) -> C:
