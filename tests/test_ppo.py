@@ -160,6 +160,10 @@ def test_cli_ppo_moves_the_policy_to_the_rewarded_reply(yes_no, tmp_path, one_th
     assert recs[0]["objective/kl"] == 0.0
     assert any(r["policy/clipfrac"] > 0 for r in recs)
     assert recs[-1]["objective/scores"] > recs[0]["objective/scores"]
+    # rollout cost: logged with each step (4 steps share a rollout), summed into the manifest
+    assert all(r["rollout/seconds"] > 0 and r["rollout/sample_tokens_per_s"] > 0 for r in recs)
+    assert len({r["rollout/seconds"] for r in recs[:4]}) == 1 and recs[4]["rollout/seconds"] != recs[0]["rollout/seconds"]
+    assert 0 < s["rollout_seconds"] < s["train_seconds"] and 0 < s["rollout_share"] < 1 and s["sample_tokens_per_s"] > 0
     done, _, _ = run_generate(GenerateConfig(run=str(out), prompts=str(yes_no["prompts"]), out=str(tmp_path / "g.jsonl"), chat=True, temperature=0,
                                              max_new_tokens=8, device="cpu"))
     assert [c.text for c in done] == ["yes"] * len(QUESTIONS)
@@ -207,6 +211,8 @@ def test_a_resumed_run_continues_inside_its_rollout_exactly(yes_no, tmp_path, on
     got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / METRICS) if "loss" in r}
     assert set(got) == set(range(4, 10)) and all(got[k] == want[k] for k in got)
     assert resumed.objective.rollouts == full.objective.rollouts == 3
+    # the replies sampled before the checkpoint are counted once, from its saved timing
+    assert resumed.objective.timing["sampled_tokens"] == full.objective.timing["sampled_tokens"] > 0
     assert all(math.isfinite(v) for v in want.values())
 
 

@@ -80,7 +80,9 @@ def ppo_cmd(
             ("val KL to the reference", moved("val_kl", "{:.4f}")),
             ("val reply length", moved("val_length", "{:.1f}")),
             ("val replies ended", moved("val_ended", "{:.2f}")),
-            ("tokens/s (median)", or_na(s["tokens_per_s"], "{:,.0f}")),
+            ("tokens/s (median step, rollouts included)", or_na(s["tokens_per_s"], "{:,.0f}")),
+            ("making rollouts (share of train time)", f"{s['rollout_seconds']:.1f} s ({or_na(s['rollout_share'], '{:.0%}')})"),
+            ("sampling speed (reply tokens/s)", or_na(s["sample_tokens_per_s"], "{:,.0f}")),
             ("train seconds", s["train_seconds"]),
         ],
     )

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,6 +74,9 @@ STAGE = "ppo"
 #: per-token arrays of a rollout, aligned with each reply's tokens
 TOKEN_FIELDS = ("old_logp", "old_values", "advantages", "returns")
 ROLLOUT_STATS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "rollout/length", "rollout/ended")
+#: how long making the rollout took (sampling + scoring) and the sampler's speed in reply tokens/s;
+#: logged beside the rollout's statistics (a rollout in a checkpoint of an older run may lack them)
+ROLLOUT_TIMES = ("rollout/seconds", "rollout/sample_tokens_per_s")
 
 
 @dataclass
@@ -280,6 +284,9 @@ class PPOObjective(Objective):
         self.rollouts = 0  # rollouts made by this rank
         self.micro = 0  # micro-batches drawn from the current rollout
         self.rollout: Rollout | None = None
+        # this rank's time making rollouts, time sampling and tokens sampled (kept over a resume)
+        self.timing = {"rollout_seconds": 0.0, "sample_seconds": 0.0, "sampled_tokens": 0}
+        self._last_sample = (0.0, 0)  # (seconds, tokens) of the latest sampling
         self.value_head = nn.Linear(d_model, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -342,8 +349,11 @@ class PPOObjective(Objective):
         return {"logp": logp.cpu(), "ref_logp": ref_logp.cpu(), "entropy": ent.cpu(), "values": values.cpu(), "mask": b["mask"].cpu()}
 
     def _evaluate_replies(self, prompts: list[list[int]], seed: int) -> tuple[Rollout, dict[str, torch.Tensor], torch.Tensor]:
-        """Sample replies to ``prompts``, score them and take their token statistics."""
+        """Sample replies to ``prompts``, score them and take their token statistics (the sampling
+        time is added to ``self.timing``)."""
+        t0 = time.perf_counter()
         replies = self._sample(prompts, seed)
+        self._sampled(time.perf_counter() - t0, sum(map(len, replies)))
         r = Rollout(prompts, replies, {k: [[0.0] * len(x) for x in replies] for k in TOKEN_FIELDS}, {})
         scores = self._scores(prompts, replies)
         mb = self.cfg.micro_batch
@@ -352,8 +362,15 @@ class PPOObjective(Objective):
         stats = {k: torch.cat([F.pad(p[k], (0, n - p[k].shape[1])) for p in parts]) for k in parts[0]}
         return r, stats, scores
 
+    def _sampled(self, seconds: float, tokens: int) -> None:
+        # the replies are Python lists by now, so the device has finished
+        self.timing["sample_seconds"] += seconds
+        self.timing["sampled_tokens"] += tokens
+        self._last_sample = (seconds, tokens)
+
     def _make_rollout(self) -> Rollout:
         cfg, d = self.cfg, self.ctx.dist
+        t0 = time.perf_counter()
         R = cfg.rollout_batch
         first = (self.rollouts * d.world_size + d.rank) * R
         prompts = [self.train[self.order[first + j]] for j in range(R)]
@@ -379,6 +396,10 @@ class PPOObjective(Objective):
             "rollout/length": float(lengths.mean()),
             "rollout/ended": float(ended.mean()),
         }
+        seconds = time.perf_counter() - t0
+        self.timing["rollout_seconds"] += seconds
+        sample_s, sample_n = self._last_sample
+        r.stats |= {"rollout/seconds": round(seconds, 4), "rollout/sample_tokens_per_s": round(sample_n / max(sample_s, 1e-9), 2)}
         self.rollouts += 1
         self.micro = 0
         return r
@@ -406,7 +427,7 @@ class PPOObjective(Objective):
         logp, _ = token_logps(logits, targets, self.cfg.temperature)
         values = modules["value_head"](hidden).float().squeeze(-1)
         pg, vf, metrics = ppo_losses(logp, values, batch, self.cfg.clip, self.cfg.clip_value)
-        metrics.update({k: batch[k] for k in ROLLOUT_STATS})
+        metrics.update({k: batch[k] for k in ROLLOUT_STATS + ROLLOUT_TIMES if k in batch})
         return pg + self.cfg.vf_coef * vf, metrics
 
     def evaluate(self, model, modules, full: bool) -> dict[str, float]:
@@ -430,12 +451,26 @@ class PPOObjective(Objective):
             "val_length": round(float(total[2]) / n, 4), "val_ended": round(float(total[3]) / n, 4),
         }
 
+    def speed(self, train_seconds: float) -> dict[str, Any]:
+        """Where rank 0's training time went: making rollouts (sampling, scoring, the reference's
+        log-probs) versus PPO updates, and the sampler's reply tokens/s."""
+        t = self.timing
+        return {
+            "rollout_seconds": round(t["rollout_seconds"], 3),
+            "rollout_share": round(t["rollout_seconds"] / train_seconds, 4) if train_seconds > 0 else None,
+            "sample_tokens_per_s": round(t["sampled_tokens"] / t["sample_seconds"], 2) if t["sample_seconds"] > 0 else None,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rollouts": self.rollouts, "micro": self.micro, "rollout": None if self.rollout is None else self.rollout.to_dict()}
+        return {
+            "rollouts": self.rollouts, "micro": self.micro, "rollout": None if self.rollout is None else self.rollout.to_dict(),
+            "timing": dict(self.timing),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollouts, self.micro = int(state["rollouts"]), int(state["micro"])
         self.rollout = None if state.get("rollout") is None else Rollout.from_dict(state["rollout"])
+        self.timing.update(state.get("timing", {}))
 
 
 def check_options(cfg: PPOConfig) -> None:
@@ -525,6 +560,7 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
                 "rollouts": objective.rollouts,
                 "epochs": round(objective.epochs(), 4),
                 "global_batch_rows": global_rows,
+                **objective.speed(result["train_seconds"]),
                 "start_val": start or None,
                 "final_val": final or None,
             },
