@@ -289,3 +289,5 @@ def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_ru
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    # the ranks' real tokens are summed, not one rank's count × 2: the same count as one process
+    assert s2["tokens_seen"] == s1["tokens_seen"] > 0

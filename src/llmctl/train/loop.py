@@ -408,8 +408,16 @@ class Trainer:
                         p.grad /= self.dist.world_size
         loss_val = loss_sum / self.accum_steps
         if self.dist.enabled:
-            self.dist.all_reduce_sum(loss_val)
-            loss_val /= self.dist.world_size
+            # one all-reduce: the loss and metrics become means over the ranks, the tokens their sum,
+            # so every rank counts the same tokens (and stops at the same --max-tokens step)
+            keys = sorted(extra_metrics)
+            packed = torch.tensor([float(loss_val), float(tokens), *(extra_metrics[k] for k in keys)], dtype=torch.float64)
+            packed = packed.to(self.device)
+            self.dist.all_reduce_sum(packed)
+            packed = packed.cpu()
+            w = self.dist.world_size
+            loss_val, tokens = packed[0] / w, int(packed[1])
+            extra_metrics = {k: float(v) / w for k, v in zip(keys, packed[2:].tolist(), strict=True)}
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
@@ -425,7 +433,7 @@ class Trainer:
                 opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return float(loss_val), float(gnorm), tokens * self.dist.world_size, extra_metrics
+        return float(loss_val), float(gnorm), tokens, extra_metrics
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
