@@ -5,6 +5,7 @@ model taught a reply answers it through ``llmctl generate --chat``)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,21 @@ import torch
 from conftest import cli, torchrun_llmctl
 from modelkit import make_run
 
-from llmctl.chat import BadRecord, encode_chat, render_prompt, to_messages, user_prompt
+from llmctl.chat import (
+    BadRecord,
+    ChatFormat,
+    chat_format,
+    encode_chat,
+    render_prompt,
+    to_messages,
+    user_prompt,
+)
+from llmctl.errors import UsageError
 from llmctl.eval import generation_mc
 from llmctl.eval.tasks import MCItem
 from llmctl.model import ModelConfig, Transformer
 from llmctl.model.generate import GenerateConfig, run_generate
-from llmctl.model.hf import ExportConfig, export_hf
+from llmctl.model.hf import ExportConfig, HFTokenizer, export_hf, load_any
 from llmctl.model.io import load_model
 from llmctl.model.transformer import lm_loss
 from llmctl.tokenizer import load_tokenizer
@@ -227,9 +237,11 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     assert (done[0].text, done[0].finish_reason) == ("swordfish", "stop")
     # eval's generation protocol in chat mode reads the letter the model was taught to write
     model, _ = load_model(out)
-    (got,) = generation_mc.select_by_generation(
-        model, load_tokenizer(out / "tokenizer.model"), [generation_mc.build_prompt(question, [], chat=True)], [3],
-        add_bos=True, chat=True)
+    tok = load_tokenizer(out / "tokenizer.model")
+    fmt = chat_format(tok, out)
+    prompt = generation_mc.encode(tok, generation_mc.build_prompt(question, []), False, fmt)
+    assert prompt == [tok.bos_id, *tok.encode(user_prompt(generation_mc.build_prompt(question, [])))]
+    (got,) = generation_mc.select_by_generation(model, tok, [prompt], [3], chat=fmt)
     assert (got.output, got.pred) == ("B", 1)
     # exported, it answers the same through transformers' own chat template and generate
     import transformers
@@ -241,8 +253,41 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     ids = hf_tok(chat, return_tensors="pt")["input_ids"]
     gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids("<|end|>"))
     assert hf_tok.decode(gen[0, ids.shape[1] :]) == "swordfish<|end|>"
+    _third_party_chat(tmp_path / "hf", tmp_path / "third", fmt)
     # same options and data: nothing to redo
     assert cli("sft", *args) == 0
+
+
+def _third_party_chat(hf_dir: Path, third: Path, ours: ChatFormat) -> None:
+    """A transformers directory that is not an llmctl export (no manifest, no tokenizer.model) is
+    read through tokenizer.json, and --chat uses its own chat template and end-of-turn ids: here a
+    template in the common style (BOS written by the template, roles as markers) over the markers
+    this model was trained on, so its answer must be the same."""
+    shutil.copytree(hf_dir, third, ignore=shutil.ignore_patterns("manifest.json", "tokenizer.model"))
+    tc = json.loads((third / "tokenizer_config.json").read_text())
+    tc["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (third / "tokenizer_config.json").write_text(json.dumps(tc))
+    gen = json.loads((third / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen["eos_token_id"], ours.stop_ids[0]]  # chat models list their end-of-turn id here
+    (third / "generation_config.json").write_text(json.dumps(gen))
+    tok = load_any(third)[1]
+    fmt = chat_format(tok, third)
+    assert isinstance(tok, HFTokenizer) and fmt.kind == "template" and ours.stop_ids[0] in fmt.stop_ids
+    for system in (None, "Be brief."):
+        assert fmt.prompt("What is the secret word?", system) == ours.prompt("What is the secret word?", system)
+    done, _, _ = run_generate(GenerateConfig(run=str(third), prompt="What is the secret word?", chat=True, temperature=0,
+                                             max_new_tokens=20, device="cpu"))
+    assert (done[0].text, done[0].finish_reason) == ("swordfish", "stop")
+    with pytest.raises(UsageError, match="chat template refused the conversation: unknown role tool"):
+        fmt.render([{"role": "tool", "content": "x"}])
+    del tc["chat_template"]
+    (third / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(UsageError, match="neither llmctl's chat markers nor a chat template; drop --chat"):
+        run_generate(GenerateConfig(run=str(third), prompt="Hi", chat=True, device="cpu"))
 
 
 def test_cli_sft_bad_input(base_run, tmp_path, capsys):

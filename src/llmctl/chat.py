@@ -21,10 +21,11 @@ Training examples come from the common instruction-data layouts, mapped to messa
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UsageError
 from .tokenizer import ROLE_MARKERS
 
 ROLES = ("system", "user", "assistant")
@@ -54,6 +55,37 @@ def user_prompt(text: str, system: str | None = None) -> str:
     """``render_prompt`` of one user turn (and an optional system message)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     return render_prompt(msgs)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a model's own tokenizer turns a conversation into the prompt ids it answers, and which
+    ids end its reply: llmctl's format (BOS, role markers; a reply ends at ``<|end|>``), or for a
+    third-party transformers model the chat template of its tokenizer_config.json (a reply ends at
+    one of its EOS ids), as lm-eval's ``--apply_chat_template`` does."""
+
+    kind: str  # "llmctl" or "template"
+    render: Callable[[Sequence[Message]], list[int]]
+    stop_ids: tuple[int, ...]
+
+    def prompt(self, text: str, system: str | None = None) -> list[int]:
+        """The ids of one user turn (after an optional system message), open for the reply."""
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return self.render(msgs)
+
+
+def chat_format(tok: Any, where: object) -> ChatFormat:
+    """The chat format of ``tok`` (the tokenizer of the model at ``where``, named in the error)."""
+    role_ids = getattr(tok, "role_ids", {})
+    if {"user", "assistant", "end"} <= set(role_ids):
+        bos = [tok.bos_id] if tok.bos_id >= 0 else []
+        return ChatFormat("llmctl", lambda msgs: bos + tok.encode(render_prompt(msgs)), (role_ids["end"],))
+    if getattr(tok, "chat_template", None):
+        return ChatFormat("template", tok.apply_chat_template, tuple(tok.stop_ids))
+    raise UsageError(
+        f"{where}: the tokenizer has neither llmctl's chat markers nor a chat template; "
+        "drop --chat, or use a chat model (llmctl sft output, or a directory whose tokenizer_config.json has chat_template)"
+    )
 
 
 def hf_chat_template() -> str:

@@ -6,9 +6,9 @@ capital letter among the options' letters, followed by the end of the text, whit
 ``. , : ; ) ]``. Anything else ("The answer is B", "E", "b") is unparseable: counted, and wrong.
 The lecture's point is that this protocol and likelihood scoring give different numbers.
 
-With ``chat`` (a fine-tuned model) the whole prompt, shots included, is one user turn of llmctl's
-chat format, BOS first, and the reply ends at ``<|end|>``, as lm-eval's ``--apply_chat_template``
-does with a model's own template.
+With ``chat`` (a fine-tuned model) the whole prompt, shots included, is one user turn of the
+model's chat format (``chat.chat_format``: llmctl's, or a transformers directory's template), and
+the reply ends at its end-of-turn id, as lm-eval's ``--apply_chat_template`` does.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..chat import user_prompt
+from ..chat import ChatFormat
 from ..model.generate import encode_prompt, generate
 from ..model.transformer import Transformer
-from ..tokenizer import ROLE_MARKERS
 from .tasks import LETTERS, MCItem
 
 _ANSWER = re.compile(r"\s*([A-Z])(?:$|[\s.,:;)\]])")
@@ -44,23 +43,28 @@ class GenResult:
         return self.pred is not None
 
 
-def build_prompt(item: MCItem, shots: list[MCItem], chat: bool = False) -> str:
+def build_prompt(item: MCItem, shots: list[MCItem]) -> str:
     parts = [s.question_with_letters() + " " + s.gold_letter() for s in shots]
-    text = item.description + "".join(p + "\n\n" for p in parts) + item.question_with_letters()
-    return user_prompt(text) if chat else text
+    return item.description + "".join(p + "\n\n" for p in parts) + item.question_with_letters()
 
 
-def fits(model: Transformer, tok, prompt: str, add_bos: bool, max_new_tokens: int) -> bool:
-    return len(encode_prompt(tok, prompt, add_bos)) + max_new_tokens <= model.cfg.max_seq_len
+def encode(tok, prompt: str, add_bos: bool, chat: ChatFormat | None = None) -> list[int]:
+    """The prompt's ids: plain text (BOS first with ``add_bos``), or a user turn of ``chat``."""
+    return chat.prompt(prompt) if chat is not None else encode_prompt(tok, prompt, add_bos)
+
+
+def fits(model: Transformer, ids: list[int], max_new_tokens: int) -> bool:
+    return len(ids) + max_new_tokens <= model.cfg.max_seq_len
 
 
 def select_by_generation(
-    model: Transformer, tok, prompts: list[str], n_choices: list[int], add_bos: bool, max_new_tokens: int = 4,
-    batch_size: int = 16, chat: bool = False,
+    model: Transformer, tok, prompts: list[list[int]], n_choices: list[int], max_new_tokens: int = 4,
+    batch_size: int = 16, chat: ChatFormat | None = None,
 ) -> list[GenResult]:
-    stop = ("\n", ROLE_MARKERS["end"]) if chat else ("\n",)
+    """Greedy answers to encoded prompts (``encode``); a reply ends at a newline, or at ``chat``'s
+    end-of-turn id."""
     outs = generate(
-        model, tok, prompts, temperature=0.0, max_new_tokens=max_new_tokens, stop=stop, add_bos=add_bos,
-        batch_size=batch_size,
+        model, tok, prompts, temperature=0.0, max_new_tokens=max_new_tokens, stop=("\n",),
+        stop_ids=chat.stop_ids if chat is not None else (), batch_size=batch_size,
     )
     return [GenResult(o.text, parse_letter(o.text, n)) for o, n in zip(outs, n_choices, strict=True)]

@@ -7,8 +7,10 @@ Judges:
 - a reward model (``llmctl reward`` run): preference = σ(r(model's answer) − r(reference)),
   both scored as the reply to the same user turn; symmetric, so the order of the pair is moot.
 - a language model (an llmctl chat run or a transformers directory): asked which of "Response A"
-  and "Response B" follows the instruction better; preference = its probability of the letter
-  naming the model's answer among "A" and "B" at the next token. The order of the two answers is
+  and "Response B" follows the instruction better, as a user turn of its chat format (llmctl's or
+  its directory's chat template; a plain prompt ending in "Answer:" when it has neither);
+  preference = its probability of the letter naming the model's answer among "A" and "B" at the
+  next token. The order of the two answers is
   drawn per item (seeded), since LM judges favour a position.
 
 Length control: judges favour long answers, so the preference is also fitted by a logistic
@@ -28,10 +30,9 @@ from typing import Any
 
 import torch
 
-from ..chat import encode_chats, user_prompt
+from ..chat import ChatFormat, chat_format, encode_chats
 from ..errors import UsageError
 from ..model.generate import SamplingParams, encode_prompt, generate
-from ..tokenizer import ROLE_MARKERS
 
 JUDGE_QUESTION = (
     "Which response follows the instruction better?\n\nInstruction: {instruction}\n\nResponse A: {a}\n\n"
@@ -52,11 +53,10 @@ class JudgeItem:
 Judge = Callable[[list[tuple[str, str, str]]], list[float]]  # (instruction, answer, other) → p(answer better)
 
 
-def answers(model, tok, items: Sequence[JudgeItem], chat: bool, max_new_tokens: int, bos: bool) -> list[str]:
-    """The model's greedy answer to each instruction (in the chat format with ``chat``)."""
-    prompts = [encode_prompt(tok, user_prompt(it.instruction) if chat else it.instruction, bos or chat) for it in items]
-    stop = (ROLE_MARKERS["end"],) if chat else ()
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+def answers(model, tok, items: Sequence[JudgeItem], chat: ChatFormat | None, max_new_tokens: int, bos: bool) -> list[str]:
+    """The model's greedy answer to each instruction (a user turn of ``chat``, else plain text)."""
+    prompts = [chat.prompt(it.instruction) if chat is not None else encode_prompt(tok, it.instruction, bos) for it in items]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=chat.stop_ids if chat is not None else ())
     return [c.text.strip() for c in generate(model, tok, prompts, params)]
 
 
@@ -81,16 +81,16 @@ def reward_judge(run: Path, device: torch.device) -> Judge:
     return prefer
 
 
-def lm_judge(model, tok) -> Judge:
-    """Ask ``model`` which of two responses is better; p("A") among {"A", "B"} at the next token."""
-    role_ids = getattr(tok, "role_ids", {})
-    chat = {"user", "assistant", "end"} <= set(role_ids)
-    if chat:
-        letters = [tok.encode(x) for x in ("A", "B")]
-    else:
-        letters = [tok.encode(" " + x) for x in ("A", "B")]
+def lm_judge(model, tok, where: object) -> Judge:
+    """Ask ``model`` (at ``where``) which of two responses is better; p("A") among {"A", "B"} at the
+    next token: in its chat format where it has one, else as text ending in "Answer:"."""
+    try:
+        chat: ChatFormat | None = chat_format(tok, where)
+    except UsageError:
+        chat = None
+    letters = [tok.encode(x if chat is not None else " " + x) for x in ("A", "B")]
     if any(len(ids) < 1 for ids in letters) or letters[0][0] == letters[1][0]:
-        raise UsageError("the judge's tokenizer cannot tell the answers A and B apart")
+        raise UsageError(f"{where}: the judge's tokenizer cannot tell the answers A and B apart")
     a_id, b_id = letters[0][0], letters[1][0]
     device = model.embed_tokens.weight.device
     ctx = model.cfg.max_seq_len
@@ -100,7 +100,7 @@ def lm_judge(model, tok) -> Judge:
         out = []
         for q, a, b in pairs:
             text = JUDGE_QUESTION.format(instruction=q, a=a, b=b)
-            ids = encode_prompt(tok, user_prompt(text) if chat else text + "\nAnswer:", True)[-ctx:]
+            ids = (chat.prompt(text) if chat is not None else encode_prompt(tok, text + "\nAnswer:", True))[-ctx:]
             logits = model(torch.tensor([ids], device=device))[0, -1].float()
             out.append(float(torch.softmax(logits[[a_id, b_id]], -1)[0]))
         return out

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..artifacts import StageRun, write_json_atomic
+from ..chat import ChatFormat, chat_format
 from ..console import console, progress
 from ..device import resolve_device
 from ..errors import UsageError
@@ -133,6 +134,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         model, tok = load_any(cfg.model, device)
+        chat = chat_format(tok, cfg.model) if cfg.chat else None  # the model's own chat format
         kind = "transformers directory" if is_hf_dir(Path(cfg.model)) else "llmctl run"
         t0 = time.perf_counter()
         runs = [TaskRun(t) for t in tasks]
@@ -151,7 +153,7 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
                     if not clean:
                         console.print(f"[yellow]{r.task.name}: every item is contaminated; nothing left to score[/]")
             if r.task.items:
-                {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl, "judge": _run_judge}[r.task.kind](cfg, model, tok, r)
+                {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl, "judge": _run_judge}[r.task.kind](cfg, model, tok, r, chat)
             n_scored += len(r.rows)
             write_items(stage.partial(f"items-{r.task.name}.jsonl"), r.rows)
             stage.commit(f"items-{r.task.name}.jsonl")
@@ -211,7 +213,7 @@ def _score(cfg, model, r: TaskRun, reqs: list[Request], what: str):
         return score_requests(model, reqs, max_batch_tokens=cfg.batch_tokens, on_done=lambda n: bar.advance(job, n))
 
 
-def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) -> None:
     task = r.task
     items: list[MCItem] = task.items
     pool = list(items)
@@ -245,9 +247,9 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
                 reqs.append(req)
                 req_rows.append(i)
         if gen:
-            prompt = generation_mc.build_prompt(it, shots, chat=cfg.chat)
-            if generation_mc.fits(model, tok, prompt, cfg.bos or cfg.chat, cfg.max_new_tokens):
-                prompts.append(prompt)
+            ids = generation_mc.encode(tok, generation_mc.build_prompt(it, shots), cfg.bos, chat)
+            if generation_mc.fits(model, ids, cfg.max_new_tokens):
+                prompts.append(ids)
                 prompt_rows.append(i)
             else:
                 row["skip_generation"] = "longer_than_context"
@@ -272,7 +274,7 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
             for b in range(0, len(prompts), 16):
                 outs += generation_mc.select_by_generation(
                     model, tok, prompts[b : b + 16], [len(items[i].choices) for i in prompt_rows[b : b + 16]],
-                    cfg.bos or cfg.chat, cfg.max_new_tokens, chat=cfg.chat)
+                    cfg.max_new_tokens, chat=chat)
                 bar.advance(job, len(prompts[b : b + 16]))
         correct = []
         for i, g in zip(prompt_rows, outs, strict=True):
@@ -291,7 +293,7 @@ def _skips(task: Task, rows: list[dict[str, Any]], key: str) -> None:
             task.skip(f"{key.removeprefix('skip_')}:{row[key]}")
 
 
-def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) -> None:
     items: list[LambadaItem] = r.task.items
     hit = getattr(r.task, "items_contaminated", [False] * len(items))
     reqs, idx, rows = [], [], []
@@ -323,7 +325,7 @@ def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
     r.rows = rows
 
 
-def _run_ppl(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+def _run_ppl(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) -> None:
     items = r.task.items
     hit = getattr(r.task, "items_contaminated", [False] * len(items))
     reqs, owner, rows = [], [], []
@@ -358,7 +360,7 @@ def _run_ppl(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
     r.rows = rows
 
 
-def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
+def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) -> None:
     from ..artifacts import read_manifest
     from . import judge
 
@@ -370,12 +372,12 @@ def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun) -> None:
         prefer = judge.reward_judge(jpath, device)
     else:
         jm, jt = (model, tok) if jpath.resolve() == Path(cfg.model).resolve() else load_any(jpath, device)
-        prefer = judge.lm_judge(jm, jt)
+        prefer = judge.lm_judge(jm, jt, jpath)
     with progress() as bar:
         job = bar.add_task(f"{r.task.name} answers", total=len(items), unit="items")
         outputs: list[str] = []
         for b in range(0, len(items), 16):
-            outputs += judge.answers(model, tok, items[b : b + 16], cfg.chat, cfg.reply_tokens, cfg.bos)
+            outputs += judge.answers(model, tok, items[b : b + 16], chat, cfg.reply_tokens, cfg.bos)
             bar.advance(job, len(items[b : b + 16]))
     rows = judge.judge_items(prefer, items, outputs, cfg.seed, symmetric=is_rm)
     hit = getattr(r.task, "items_contaminated", None)

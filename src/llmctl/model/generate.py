@@ -25,10 +25,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..chat import user_prompt
+from ..chat import chat_format
 from ..device import resolve_device
 from ..errors import UsageError
-from ..tokenizer import ROLE_MARKERS, load_tokenizer
+from ..tokenizer import load_tokenizer
 from .transformer import Transformer
 
 
@@ -398,23 +398,17 @@ class GenerateConfig:
     batch_size: int = 16
     add_bos: bool = True
     logprobs: bool = False
-    chat: bool = False  # wrap each prompt as a user turn of llmctl's chat format (chat.py)
+    chat: bool = False  # each prompt is a user turn of the model's chat format (chat.chat_format)
     system: str | None = None  # with chat: a system message before every prompt
     device: str = "auto"
     precision: str = "auto"
     force: bool = False
 
-    def sampling(self) -> SamplingParams:
-        # a chat reply ends at <|end|> (the EOS after it ends the whole conversation)
-        stop = (*self.stop, ROLE_MARKERS["end"]) if self.chat else tuple(self.stop)
+    def sampling(self, stop_ids: tuple[int, ...] = ()) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, stop=stop, seed=self.seed,
+            top_p=self.top_p, stop=tuple(self.stop), stop_ids=stop_ids, seed=self.seed,
         )
-
-    def prompt_text(self, prompt: str) -> str:
-        """The text the model continues: the prompt itself, or with ``chat`` its chat rendering."""
-        return user_prompt(prompt, self.system) if self.chat else prompt
 
 
 def read_prompts(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -494,7 +488,6 @@ def run_generate(
         raise UsageError("--batch-size must be ≥ 1")
     if cfg.system is not None and not cfg.chat:
         raise UsageError("--system needs --chat (a system message is part of the chat format)")
-    params = cfg.sampling()
     if cfg.prompts is not None:
         records, bad = read_prompts(Path(cfg.prompts))
     else:
@@ -503,9 +496,15 @@ def run_generate(
     dtype = resolve_dtype(cfg.precision, device)
     model, tok = load_any(Path(cfg.run))
     model = model.to(device=device, dtype=dtype).eval()
+    prompts: list[str] | list[list[int]] = [r["prompt"] for r in records]
+    params = cfg.sampling()
+    if cfg.chat:  # a user turn of the model's chat format; the reply ends at its end-of-turn id
+        fmt = chat_format(tok, cfg.run)
+        prompts = [fmt.prompt(p, cfg.system) for p in prompts]
+        params = cfg.sampling(fmt.stop_ids)
     stats = GenerationStats()
     done = generate(
-        model, tok, [cfg.prompt_text(r["prompt"]) for r in records], params, batch_size=cfg.batch_size,
+        model, tok, prompts, params, batch_size=cfg.batch_size,
         add_bos=cfg.add_bos, on_text=on_text, stats=stats,
     )
     if cfg.out is not None:

@@ -370,9 +370,13 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
 
 # -- import ------------------------------------------------------------------------------------
 class HFTokenizer:
-    """A ``tokenizer.json`` (``tokenizers`` library) behind the :class:`TextTokenizer` API."""
+    """A ``tokenizer.json`` (``tokenizers`` library) behind the :class:`TextTokenizer` API, with the
+    directory's chat template (tokenizer_config.json) and the ids that end a reply."""
 
-    def __init__(self, path: Path, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> None:
+    def __init__(
+        self, path: Path, bos_id: int | None, eos_id: int | None, pad_id: int | None, *,
+        chat_template: str | None = None, special_text: dict[str, str] | None = None, stop_ids: tuple[int, ...] = (),
+    ) -> None:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(path))
@@ -381,12 +385,77 @@ class HFTokenizer:
         self.bos_id = -1 if bos_id is None else int(bos_id)
         self.eos_id = -1 if eos_id is None else int(eos_id)
         self.pad_id = -1 if pad_id is None else int(pad_id)
+        self.chat_template = chat_template
+        self.special_text = special_text or {}  # bos_token / eos_token as text, for the template
+        self.stop_ids = tuple(sorted({*stop_ids, *([self.eos_id] if self.eos_id >= 0 else [])}))
+
+    @classmethod
+    def from_dir(cls, path: Path, config: dict[str, Any]) -> HFTokenizer:
+        """The tokenizer of a transformers directory: tokenizer.json, and from tokenizer_config.json
+        and generation_config.json its chat template, special-token text and reply-ending ids."""
+        tc = _read_json(path / "tokenizer_config.json")
+        gen = _read_json(path / "generation_config.json")
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        special = {}
+        for k in ("bos_token", "eos_token"):
+            v = tc.get(k)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                special[k] = v
+        stops: set[int] = set()
+        for v in (gen.get("eos_token_id"), config.get("eos_token_id")):
+            stops.update(v if isinstance(v, list) else [] if v is None else [v])
+        tok = cls(
+            path / "tokenizer.json", config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id"),
+            chat_template=template if isinstance(template, str) else None, special_text=special, stop_ids=tuple(stops),
+        )
+        if "eos_token" in special and (i := tok.tok.token_to_id(special["eos_token"])) is not None:
+            tok.stop_ids = tuple(sorted({*tok.stop_ids, i}))
+        return tok
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def apply_chat_template(self, messages) -> list[int]:
+        """The ids of ``messages`` rendered by the directory's chat template with the generation
+        prompt, special tokens in the rendered text read as such (as transformers does)."""
+        import datetime
+
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def fail(msg: str) -> None:
+            raise UsageError(f"the chat template refused the conversation: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals.update(raise_exception=fail, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        try:
+            text = env.from_string(str(self.chat_template)).render(
+                messages=list(messages), add_generation_prompt=True, tools=None, **self.special_text,
+            )
+        except TemplateError as e:
+            raise UsageError(f"the chat template does not render ({e}); fix chat_template in tokenizer_config.json") from e
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); fix or remove it") from e
+    return d if isinstance(d, dict) else {}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -460,9 +529,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[Trans
         # invalid UTF-8 byte runs, which tokenizers' ByteFallback decodes to one U+FFFD per byte)
         tok: TextTokenizer = Tokenizer(path / TOKENIZER)
     elif (path / "tokenizer.json").is_file():
-        tok = HFTokenizer(
-            path / "tokenizer.json", c.get("bos_token_id"), c.get("eos_token_id"), c.get("pad_token_id")
-        )
+        tok = HFTokenizer.from_dir(path, c)
     elif (path / TOKENIZER).is_file():
         tok = Tokenizer(path / TOKENIZER)
     else:
