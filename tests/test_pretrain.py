@@ -137,16 +137,27 @@ def test_kill_9_then_rerun_gives_the_same_loss_curve(data, tmp_path):
     run = tmp_path / "run"
     work = tmp_path / ".run.tmp-pretrain"
     env = {**os.environ, **ENV}
-    p = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, common), "--out", str(run)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if (work / "checkpoints" / "step-0000006").is_dir():
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+
+    def start_and_signal(at_step: int, sig: int) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, common), "--out", str(run)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if (work / "checkpoints" / f"step-{at_step:07d}").is_dir():
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the run finished before it could be stopped"
+        p.send_signal(sig)
+        p.wait(timeout=60)
+        return p
+
+    # Ctrl-C: exit status 130 (a shell chain stops), one line, the checkpoints kept
+    p = start_and_signal(3, signal.SIGINT)
+    err = p.stderr.read()
+    assert p.returncode == 130 and "interrupted: rerun the same command to resume" in err and "Traceback" not in err
+    assert not run.exists() and (work / "checkpoints" / "step-0000003").is_dir()
+    # then kill -9 of the resumed run
+    p = start_and_signal(6, signal.SIGKILL)
     assert p.returncode == -signal.SIGKILL
     assert not run.exists() and work.is_dir()
 

@@ -80,7 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     _register(argv)
     debug = "--debug" in argv or os.environ.get("LLMCTL_DEBUG") == "1"
     try:
-        app(args=argv, prog_name="llmctl", standalone_mode=False)
+        # outside standalone mode click returns an Exit's code instead of exiting, and typer turns
+        # Ctrl-C into Exit(130): a non-zero return is that, and must not become exit status 0
+        code = app(args=argv, prog_name="llmctl", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                console.print("[bold red]interrupted[/]: rerun the same command to resume")
+            sys.exit(code)
     except LlmctlError as e:
         if debug:
             console.print_exception()
