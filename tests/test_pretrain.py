@@ -247,6 +247,23 @@ def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
         run(_cfg(newer, tmp_path / "g", max_steps=1))
 
 
+def test_tokens_without_a_val_split_train_and_report_no_val(data, tmp_path, capsys):
+    """--val-fraction 0 is a choice (train on everything): the run trains, warns once up front, and
+    publishes with no val figures instead of failing after its last step."""
+    from conftest import cli
+
+    from llmctl.train.pretrain import run
+
+    src = data["root"] / "main.txt"
+    no_val = tmp_path / "no-val-tokens"
+    assert cli("tokenize", "encode", src, "--tokenizer", data["root"] / "main-tok", "--val-fraction", "0", "--out", no_val) == 0
+    m = run(_cfg(no_val, tmp_path / "r", max_steps=3, eval_every=2, log_every=1))
+    s = m["stats"]
+    assert s["steps"] == 3 and s["final_val_loss"] is None and s["final_val_bpb"] is None
+    assert "has no val tokens: no val loss or bits per byte will be reported" in " ".join(capsys.readouterr().err.split())
+    assert not any("val_loss" in r for r in _metrics(tmp_path / "r"))
+
+
 def test_compile_on_cpu_trains_like_eager(data, tmp_path):
     """--compile (torch.compile, inductor's C++ kernels on CPU) gives eager's loss curve up to rounding."""
     curves = {}

@@ -127,6 +127,8 @@ class PretrainObjective(Objective):
         return lm_loss(logits, batch["labels"]), {}
 
     def evaluate(self, model, modules, full: bool) -> dict[str, float]:
+        if not has_val(self.tokens):  # encoded with --val-fraction 0: nothing to score
+            return {}
         d = self.ctx.dist
         dev = self.ctx.device
         total = torch.zeros(2, dtype=torch.float64, device=dev)  # summed nats, targets
@@ -171,6 +173,10 @@ def _params_of(cfg: PretrainConfig) -> dict[str, Any]:
         if isinstance(v, Path):
             p[k] = str(v)
     return p
+
+
+def has_val(tokens: TokenArtifact) -> bool:
+    return "val" in tokens.splits and tokens.num_tokens("val") > 0
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
@@ -230,6 +236,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 f"{cfg.seq_len}; precision {precision}; est. memory {est['total'] / 2**20:,.0f} MiB"
             )
             write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params})
+            if not has_val(tokens):
+                console.print(
+                    f"[yellow]warning:[/] {cfg.tokens} has no val tokens: no val loss or bits per byte will be reported "
+                    "(re-encode with --val-fraction > 0 or --val DOCS to have them)"
+                )
         objective = PretrainObjective(tokens, cfg, anneal)
         trainer = Trainer(
             model, objective, cfg.loop_config(), work, accum_steps=accum, flops_per_token=fpt,
