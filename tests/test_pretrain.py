@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -231,6 +232,14 @@ def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
         run(_cfg(data["root"], tmp_path / "c", max_steps=1))
     with pytest.raises(UsageError, match="--max-steps"):  # no stopping rule
         run(_cfg(data["tokens"], tmp_path / "d"))
+    # out-of-range optimizer options: one line each before anything is written (torch raised a bare ValueError)
+    for kw, msg in (({"lr": -1.0}, "--lr -1.0: the learning rate must be > 0"), ({"beta1": 2.0}, "--beta1 2.0: Adam's betas"),
+                    ({"min_lr_ratio": 5.0}, "--min-lr-ratio 5.0"), ({"decay_fraction": 3.0}, "--decay-fraction 3.0"),
+                    ({"warmup_steps": -5}, "--warmup-steps -5"), ({"weight_decay": -1.0}, "--weight-decay -1.0"),
+                    ({"grad_clip": -1.0}, "--grad-clip -1.0"), ({"schedule": "linear"}, "--schedule 'linear'")):
+        with pytest.raises(UsageError, match=re.escape(msg)):
+            run(_cfg(data["tokens"], tmp_path / "h", max_steps=1, **kw))
+        assert not (tmp_path / "h").exists() and not (tmp_path / ".h.tmp-pretrain").exists()
     with pytest.raises(UsageError, match="multiple of"):  # micro-batches cannot fill the global batch
         run(_cfg(data["tokens"], tmp_path / "e", max_steps=1, global_batch_tokens=200))
     with pytest.raises(UsageError, match="another tokenizer"):

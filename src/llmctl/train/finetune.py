@@ -75,6 +75,7 @@ class FinetuneConfig(LoopConfig):
 
 def prepare(cfg: FinetuneConfig) -> tuple[ModelConfig, Path, Tokenizer]:
     """Check the options every post-training stage shares and load the base run (seq_len resolved)."""
+    cfg.check()
     if not cfg.data:
         raise UsageError(f"no {cfg.what} given; pass .json or .jsonl files")
     if not cfg.val and not 0.0 <= cfg.val_fraction < 1.0:

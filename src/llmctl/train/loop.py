@@ -61,7 +61,7 @@ from ..console import console
 from ..errors import StageError, UsageError
 from . import checkpoint as ckpt
 from .distributed import DistContext
-from .optim import build_optimizers, set_lr
+from .optim import OPTIMIZERS, build_optimizers, set_lr
 from .precision import (
     autocast,
     make_scaler,
@@ -70,7 +70,7 @@ from .precision import (
     peak_memory,
     resolve_precision,
 )
-from .schedule import lr_factor
+from .schedule import SCHEDULES, lr_factor
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -103,6 +103,30 @@ class LoopConfig:
     eval_every: int = 0  # optimizer steps; 0 = only the final eval
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
     keep_checkpoints: int = 3
+
+    def check(self) -> None:
+        """Refuse out-of-range loop options in one line each, before anything is written (torch's
+        optimizers would raise a bare ValueError mid-setup, and others would train nonsense)."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(what)
+
+        need(self.lr > 0, f"--lr {self.lr}: the learning rate must be > 0")
+        need(self.muon_lr is None or self.muon_lr > 0, f"--muon-lr {self.muon_lr}: must be > 0")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio {self.min_lr_ratio}: give a fraction of the peak in [0, 1]")
+        need(0.0 <= self.decay_fraction <= 1.0, f"--decay-fraction {self.decay_fraction}: give a fraction of the run in [0, 1]")
+        need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be ≥ 0")
+        need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be ≥ 0")
+        for name, b in (("--beta1", self.beta1), ("--beta2", self.beta2)):
+            need(0.0 <= b < 1.0, f"{name} {b}: Adam's betas are in [0, 1)")
+        need(self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: give a norm > 0, or 0 for no clipping")
+        for name, v in (("--max-steps", self.max_steps), ("--max-tokens", self.max_tokens), ("--time-budget", self.time_budget),
+                        ("--eval-every", self.eval_every), ("--checkpoint-every", self.checkpoint_every)):
+            need(v >= 0, f"{name} {v}: must be ≥ 0 (0 = off)")
+        need(self.log_every >= 1, f"--log-every {self.log_every}: must be ≥ 1")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: keep at least 1 (resume reads the last)")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
     def loop_config(self) -> LoopConfig:
         """Just the loop's options (a stage's config subclasses this one and adds its own)."""
@@ -222,6 +246,7 @@ class Trainer:
         self.accum_steps = accum_steps
         self.flops_per_token = flops_per_token
         self.title = title
+        config.check()
         if not (config.max_steps or config.max_tokens or config.time_budget):
             raise UsageError("no stopping rule: give --max-steps, --max-tokens or --time-budget")
         if accum_steps < 1:

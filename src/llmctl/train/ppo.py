@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import require_artifact
 from ..chat import BadRecord, Message, render_prompt, to_prompts
 from ..console import console
 from ..device import resolve_device
@@ -481,15 +482,18 @@ def check_options(cfg: PPOConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1")
     if cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: PPO samples its replies; give a temperature > 0")
-    for name in ("kl_coef", "clip", "clip_value", "vf_coef", "missing_end_penalty"):
+    for name in ("kl_coef", "clip_value", "vf_coef", "missing_end_penalty"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0")
+    if cfg.clip <= 0:
+        raise UsageError(f"--clip {cfg.clip}: the policy ratio's clip range must be > 0 (0 would freeze the policy)")
     if not (0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UsageError("--gamma must be in (0, 1] and --lam in [0, 1]")
 
 
 def same_tokenizer(policy_tok: Path, reward_run: Path) -> None:
-    """The reward model must read the policy's token ids: its tokenizer file must be the same."""
+    """The reward model (a reward run) must read the policy's token ids: its tokenizer file must be the same."""
+    require_artifact(reward_run, ("reward",))
     theirs = Path(reward_run) / TOKENIZER
     if not theirs.is_file() or theirs.read_bytes() != Path(policy_tok).read_bytes():
         raise UsageError(

@@ -181,6 +181,7 @@ def has_val(tokens: TokenArtifact) -> bool:
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or resume) and publish the run; return its manifest."""
+    cfg.check()
     if not (cfg.max_steps or cfg.max_tokens or cfg.time_budget):
         raise UsageError("no stopping rule: give --max-steps, --max-tokens or --time-budget")
     tokens = TokenArtifact(cfg.tokens)
