@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,14 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     with pytest.raises(UsageError):
         run_eval(EvalConfig(model=str(tmp_path), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o5")))
     assert not any((tmp_path / f"o{i}").exists() for i in (3, 4, 5))
+    # templates: a stray brace or an attribute lookup is the spec's fault (one line); a format spec a
+    # record's value does not take is that record's ("bad_field", counted)
+    for template, msg in (("Q: {q} {x\nA:", "template is not a format string"), ("Q: {q.real}", "template field {q.real}")):
+        with pytest.raises(UsageError, match=re.escape(msg)):
+            load_task(f"jsonl:{write_task(tmp_path / 't4', qa_rows(), template=template)}")
+    rows = [{**r, "n": 1} for r in qa_rows()] + [{"q": "x", "opts": ["a", "b"], "label": 0, "n": "one"}]
+    typed = load_task(f"jsonl:{write_task(tmp_path / 't5', rows, template='{q} ({n:d})')}")
+    assert typed.skipped == {"bad_field": 1} and len(typed.items) == len(QUESTIONS)
 
 def test_contamination_flags_and_decontaminate_scores_only_clean(models, tmp_path):
     run = models[0]

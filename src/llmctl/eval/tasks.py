@@ -253,6 +253,19 @@ def _add_doc(task: Task, doc_id: str, text: Any) -> None:
 SPEC_KEYS = {"name", "data", "template", "choices", "gold", "gold_kind", "delimiter", "description", "choice_template"}
 
 
+def _check_template(path: Path, template: object) -> None:
+    """A spec's template is a str.format string over the record's fields: plain names only."""
+    if not isinstance(template, str):
+        raise UsageError(f"{path}: 'template' must be a string such as \"Question: {{question}}\\nAnswer:\"")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise UsageError(f"{path}: template is not a format string ({e}); write a literal brace as {{{{ or }}}}") from e
+    for f in fields:
+        if not f.isidentifier():
+            raise UsageError(f"{path}: template field {{{f}}}: use plain field names of the records, e.g. {{question}}")
+
+
 def load_jsonl_spec(path: Path) -> Task:
     """A multiple-choice task described by a spec file (.json or .toml)::
 
@@ -280,6 +293,7 @@ def load_jsonl_spec(path: Path) -> Task:
     gold_kind = spec.get("gold_kind", "index")
     if gold_kind not in ("index", "letter", "text"):
         raise UsageError(f"{path}: gold_kind {gold_kind!r}; choose index, letter or text")
+    _check_template(path, spec["template"])
     data = (path.parent / spec["data"]).resolve()
     if not data.is_file():
         raise UsageError(f"{path}: data file {data} not found; 'data' is relative to the spec")
@@ -292,6 +306,9 @@ def load_jsonl_spec(path: Path) -> Task:
             ctx = spec["template"].format(**obj)
         except (KeyError, IndexError):
             task.skip("missing_field")
+            continue
+        except (ValueError, TypeError):  # a format spec the value does not take, e.g. {n:d} on text
+            task.skip("bad_field")
             continue
         if isinstance(ch, str):
             choices = obj.get(ch)
