@@ -426,6 +426,11 @@ def test_bad_inputs_fail_with_one_line_before_any_work(tmp_path, llmctl, capsys)
         (tmp_path / "missing", {}, "missing"),
         (tmp_path / "ok", {"methods": ["fuzzy"]}, "--methods"),
         (tmp_path / "ok", {"jaccard_threshold": 1.5}, "--jaccard-threshold"),
+        # --keep-rejected is a directory of its own: never the input (a later run would read the
+        # rejected docs back), another artifact, or a folder of other files
+        (tmp_path / "ok", {"keep_rejected": tmp_path / "ok"}, "overlaps the input"),
+        (tmp_path / "ok", {"keep_rejected": tmp_path / "ok" / "rej"}, "overlaps the input"),
+        (tmp_path / "ok", {"keep_rejected": tmp_path / "nocol"}, "holds other files"),
     ]
     for i, (src, kw, needle) in enumerate(cases, start=3):
         with pytest.raises(UsageError, match=needle) as e:
@@ -434,3 +439,8 @@ def test_bad_inputs_fail_with_one_line_before_any_work(tmp_path, llmctl, capsys)
     for i in range(1, 3 + len(cases)):
         assert not (tmp_path / f"o{i}").exists()
         assert not list(tmp_path.glob(f".o{i}.tmp-*"))
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["docs-00000.parquet"]
+    artifact = tmp_path / "o-done"
+    _run(tmp_path / "ok", artifact)
+    with pytest.raises(UsageError, match="is an llmctl artifact"):
+        _run(tmp_path / "ok", tmp_path / "o-x", keep_rejected=artifact)

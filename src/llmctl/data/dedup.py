@@ -114,8 +114,26 @@ def _validate(cfg: DedupConfig) -> None:
         raise UsageError("--line-min-docs must be ≥ 2 (a line in one document is not repeated)")
     if cfg.workers < 1:
         raise UsageError("--workers must be ≥ 1")
-    if cfg.keep_rejected is not None and Path(cfg.keep_rejected).resolve() == Path(cfg.out).resolve():
+    if cfg.keep_rejected is not None:
+        _check_rejected_dir(Path(cfg.keep_rejected), Path(cfg.out), [Path(p) for p in cfg.inputs])
+
+
+def _check_rejected_dir(rej: Path, out: Path, inputs: list[Path]) -> None:
+    """--keep-rejected is a directory of its own: not --out, not inside an input (a later run would
+    read the rejected docs back in), not an artifact, and holding nothing but rejected shards."""
+    r = rej.resolve()
+    if r == out.resolve():
         raise UsageError("--keep-rejected must be a different directory from --out")
+    for p in inputs:
+        home = p.resolve() if p.is_dir() else p.resolve().parent
+        if r == home or r.is_relative_to(home) or home.is_relative_to(r):
+            raise UsageError(f"--keep-rejected {rej}: overlaps the input {p}; choose a separate directory")
+    if r.is_dir():
+        if (r / MANIFEST).is_file():
+            raise UsageError(f"--keep-rejected {rej}: is an llmctl artifact; choose a new or empty directory")
+        other = [c.name for c in r.iterdir() if not (c.name.startswith("rejected-") and c.suffix == ".parquet")]
+        if other:
+            raise UsageError(f"--keep-rejected {rej}: holds other files ({', '.join(sorted(other)[:3])}); choose a new or empty directory")
 
 
 def _scan_inputs(inputs: list[Path]) -> tuple[list[Path], list[int]]:
