@@ -267,8 +267,13 @@ def test_cli_train_encode_stats_and_bad_input(corpus, tok_dir, tmp_path, llmctl)
     assert r.code == 2 and "unknown document file type" in r.err and not (tmp_path / "x").exists()
     with pytest.raises(UsageError, match="no such file"):
         tk.train(TrainConfig(docs=[str(tmp_path / "nope.txt")], out=str(tmp_path / "x")))
-    with pytest.raises(UsageError, match="--vocab-size 200000"):
+    with pytest.raises(UsageError, match="--vocab-size 200000: too large for this sample.*lower it"):
         tk.train(TrainConfig(docs=[str(corpus["dir"] / "code.jsonl")], out=str(tmp_path / "x"), vocab_size=200_000))
+    # more distinct characters than the vocabulary can hold besides bytes and specials: the fix is the other way
+    many = tmp_path / "many-chars.txt"
+    many.write_text("".join(chr(c) for c in range(0x4E00, 0x4E00 + 120)) * 40 + "\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="--vocab-size 300: too small for this sample's characters.*raise it"):
+        tk.train(TrainConfig(docs=[str(many)], out=str(tmp_path / "x"), vocab_size=300))
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
     with pytest.raises(UsageError, match="no such tokenizer"):
         tk.encode(EncodeConfig(docs=[str(bad)], tokenizer=str(tmp_path / "nope"), out=str(tmp_path / "y")))

@@ -496,6 +496,10 @@ def train(cfg: TrainConfig, force: bool = False) -> dict[str, Any]:
         except RuntimeError as e:
             run.abandon()
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            if "smaller than required_chars" in msg:  # the characters and specials need more ids
+                raise UsageError(
+                    f"--vocab-size {cfg.vocab_size}: too small for this sample's characters and special tokens ({msg}); raise it"
+                ) from e
             if "Vocabulary size" in msg or "vocab_size" in msg:
                 raise UsageError(
                     f"--vocab-size {cfg.vocab_size}: too large for this sample ({msg}); lower it or give more text"
