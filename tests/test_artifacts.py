@@ -45,7 +45,11 @@ def test_interrupted_run_resumes_committed_shards_only(tmp_path):
     run.partial("s1").write_text("half")  # crash before commit
     resumed = _run(out, {"a": 1})
     assert resumed.resumed and resumed.has("s0") and not resumed.has("s1")
-    fresh = _run(out, {"a": 9})  # other params: start over
+    # other params: refused, naming the option, so the interrupted progress is not thrown away unasked
+    with pytest.raises(UsageError, match=r"an interrupted demo run with other options \(--a\) is in .*pass --force"):
+        _run(out, {"a": 9})
+    assert _run(out, {"a": 1}).has("s0")
+    fresh = StageRun.open(out, "demo", {"a": 9}, (), force=True)  # --force: start over
     assert not fresh.resumed and not fresh.has("s0")
 
 

@@ -129,6 +129,19 @@ def input_record(path: Path) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "fingerprint": fingerprint(path)}
 
 
+def _changed(state: dict[str, Any], params: dict[str, Any], inputs: list[dict[str, str]]) -> str:
+    """What differs between an interrupted run's recorded options and inputs and these."""
+    old = state.get("params")
+    if not isinstance(old, dict):
+        return "options or inputs"
+    keys = sorted(k for k in set(old) | set(params) if json.dumps(old.get(k), sort_keys=True, default=str)
+                  != json.dumps(params.get(k), sort_keys=True, default=str))
+    parts = [f"options ({', '.join('--' + k.replace('_', '-') for k in keys[:5])})"] if keys else []
+    if state.get("inputs") not in (None, inputs):
+        parts.append("inputs")
+    return " and ".join(parts) or "options or inputs"
+
+
 @dataclass
 class StageRun:
     """One execution of a stage writing the artifact directory ``out``.
@@ -210,11 +223,19 @@ class StageRun:
                 state = {}
             if state.get("params_fingerprint") == fp and not force:
                 run.resumed = True
+            elif state.get("params_fingerprint") and not force:
+                # an interrupted run with other options or inputs: its progress is not thrown away unasked
+                raise UsageError(
+                    f"{out}: an interrupted {stage} run with other {_changed(state, params, records)} is in {work}; "
+                    "rerun with its options to resume it, or pass --force to discard it and start over"
+                )
             else:
                 shutil.rmtree(work)
         if not run.resumed:
             work.mkdir(parents=True)
-            write_json_atomic(state_file, {"stage": stage, "params_fingerprint": fp, "started": run.started})
+            write_json_atomic(
+                state_file, {"stage": stage, "params_fingerprint": fp, "started": run.started, "params": params, "inputs": records},
+            )
         return run
 
     # -- shards -------------------------------------------------------------------------------
