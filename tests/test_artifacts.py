@@ -104,3 +104,21 @@ def test_worker_count_does_not_invalidate_a_finished_or_resumable_run(tmp_path):
     assert resumed.resumed and resumed.has("s0")
     resumed.finish({})
     assert _run(out, {"a": 1, "workers": 4}).done
+
+
+def test_a_second_writer_of_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    """Two llmctl processes writing one --out would interleave their work directory: the second is
+    refused in one line while the first holds the output's lock (held here through another open
+    file, as another process would), and the lock goes with the finished run."""
+    import fcntl
+
+    out = tmp_path / "art"
+    lock = tmp_path / ".art.lock"
+    with open(lock, "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match="another llmctl process is writing it now"):
+            _run(out, {"a": 1})
+    assert not (tmp_path / ".art.tmp-demo").exists()
+    run = _run(out, {"a": 1})  # the other writer is gone
+    run.finish({})
+    assert not lock.exists() and (out / "manifest.json").is_file()

@@ -10,6 +10,7 @@ rerun with the same parameters and inputs is a no-op unless ``force`` is given.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -129,6 +130,39 @@ def input_record(path: Path) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "fingerprint": fingerprint(path)}
 
 
+#: this process's locks on the outputs it is writing (lock file → fd); re-entrant within a process
+_LOCKS: dict[Path, int] = {}
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _lock(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` for this process: a second llmctl writing the same output
+    at once would interleave its work directory (the kernel drops the lock when a process dies)."""
+    path = _lock_path(out)
+    if path in _LOCKS:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"{out}: another llmctl process is writing it now (lock {path.name}); wait for it to end or choose another --out"
+        ) from None
+    _LOCKS[path] = fd
+
+
+def _unlock(out: Path) -> None:
+    path = _lock_path(out)
+    fd = _LOCKS.pop(path, None)
+    if fd is not None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _changed(state: dict[str, Any], params: dict[str, Any], inputs: list[dict[str, str]]) -> str:
     """What differs between an interrupted run's recorded options and inputs and these."""
     old = state.get("params")
@@ -214,6 +248,7 @@ class StageRun:
             raise UsageError(f"{out.parent}: cannot create the output's parent ({e.strerror})") from e
         if not os.access(out.parent, os.W_OK):
             raise UsageError(f"{out.parent}: not writable; choose an --out in a writable directory")
+        _lock(out)
 
         state_file = work / _RUN_STATE
         if work.is_dir():
@@ -300,12 +335,14 @@ class StageRun:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.work, self.out)
+        _unlock(self.out)
         self.manifest = manifest
         return manifest
 
     def abandon(self) -> None:
         """Remove the work directory (used when a stage fails before any shard is worth keeping)."""
         shutil.rmtree(self.work, ignore_errors=True)
+        _unlock(self.out)
 
 
 def shard_name(prefix: str, index: int, suffix: str) -> str:
