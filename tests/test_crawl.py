@@ -288,6 +288,9 @@ def test_bad_seeds_are_usage_errors(tmp_path, capsys):
     seeds.write_text("# my seeds\nhttps://example.com/\nftp://nope\n")
     code, out_, err = cli(capsys, "crawl", seeds, "--out", tmp_path / "o")
     assert code == 2 and f"{seeds}:3" in err and len(err.strip().splitlines()) == 1
+    seeds.write_text("https://example.com/ https://example.org/\n")  # two URLs on one line
+    code, out_, err = cli(capsys, "crawl", seeds, "--out", tmp_path / "o")
+    assert code == 2 and f"{seeds}:1" in err and "not an http(s) URL" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     code, out_, err = cli(capsys, "crawl", empty, "--out", tmp_path / "o")
@@ -301,7 +304,8 @@ def test_bad_seeds_are_usage_errors(tmp_path, capsys):
 
 def test_seeds_file_and_rootless_run(site, tmp_path):
     seeds = tmp_path / "seeds.txt"
-    seeds.write_text(f"# local\n{site.base}/loop1.html\n\n{site.base}/target.html\n")
+    # comments: whole lines, and after whitespace at a line's end (a URL's own "#" is its fragment)
+    seeds.write_text(f"# local\n{site.base}/loop1.html   # the loop\n\n{site.base}/target.html#top\n")
     m = run(CrawlConfig(seeds=[str(seeds)], out=tmp_path / "o", allow_private=True, delay=0, max_depth=1))
     assert m["seeds"] == [f"{site.base}/loop1.html", f"{site.base}/target.html"]
     assert m["inputs"][0]["path"] == str(seeds.resolve())

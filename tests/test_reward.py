@@ -111,6 +111,11 @@ def test_cli_reward_learns_a_preference_that_holds_out(base_run, tmp_path, one_t
     torch.testing.assert_close(got, torch.tensor(score_sequences(model, head, seqs, tok.pad_id)), atol=1e-4, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.padding_side == "right"
+    # it is not a language model: generate and eval say so in one line
+    from llmctl.model.generate import GenerateConfig, run_generate
+
+    with pytest.raises(UsageError, match=r"is a reward model \(LlamaForSequenceClassification\), not a language model"):
+        run_generate(GenerateConfig(run=str(tmp_path / "hf"), prompt="Hi", device="cpu"))
 
 
 def test_cli_reward_bad_input(base_run, tmp_path, capsys):

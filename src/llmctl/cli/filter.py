@@ -107,7 +107,8 @@ def run_cmd(
     """Filter documents through a chain of quality filters; write the kept docs as a new artifact.
 
     Each filter counts what it removes; the manifest and the summary show docs in/out per filter,
-    redactions per kind and the domain mixture. Defaults follow FineWeb (see docs/REFERENCE.md).
+    redactions per kind and the domain mixture. Defaults are FineWeb's (datatrove's Gopher, C4 and
+    FineWeb filters); the manifest records every parameter used.
     Parameters: [bold]--set FAMILY.PARAM=VALUE[/] or a TOML table per family in --config
     (VALUE off switches a rule off). Precedence: defaults < --config < shortcut flags < --set.
 

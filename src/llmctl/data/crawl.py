@@ -131,10 +131,12 @@ def load_seeds(seeds: list[str]) -> tuple[list[str], list[Path]]:
             raise UsageError(f"{p}: cannot read the seeds file ({e}); give a UTF-8 text file") from e
         n_before = len(urls)
         for i, line in enumerate(lines, 1):
-            line = line.split("#", 1)[0].strip() if line.lstrip().startswith("#") else line.strip()
+            # a comment is a line starting with "#" or a "#" after whitespace (a URL's own "#" is a fragment)
+            line = re.split(r"(?:^|\s)#", line.strip(), maxsplit=1)[0].strip()
             if not line:
                 continue
-            n = normalize_url(line) if re.match(r"^https?://", line, re.IGNORECASE) else None
+            ok = re.match(r"^https?://\S+$", line, re.IGNORECASE)
+            n = normalize_url(line) if ok else None
             if n is None:
                 raise UsageError(f"{p}:{i}: {line!r} is not an http(s) URL; fix or remove that line")
             urls[n] = None

@@ -506,6 +506,12 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[Trans
     if not is_hf_dir(path):
         raise UsageError(f"{path}: not a transformers model directory (no config.json with model_type)")
     c = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    arch = next((a for a in c.get("architectures") or [] if a.endswith("ForSequenceClassification")), None)
+    if arch is not None:
+        raise UsageError(
+            f"{path}: is a reward model ({arch}), not a language model; generate and eval need a causal LM "
+            "(an llmctl reward run serves as eval's --judge)"
+        )
     cfg = config_from_hf(c, path)
     index = path / "model.safetensors.index.json"
     if (path / WEIGHTS).is_file():
