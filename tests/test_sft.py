@@ -307,6 +307,8 @@ def test_cli_sft_bad_input(base_run, tmp_path, capsys):
     good.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n", encoding="utf-8")
     code, err = run("sft", base_run, good, "--out", tmp_path / "o", "--seq-len", "4096")
     assert code == 2 and "exceeds the base model's context 128" in err
+    code, err = run("sft", base_run, good, "--val", data, "--out", tmp_path / "o", "--max-steps", "1")
+    assert code == 2 and "no usable records (unknown_layout 1); check the file or drop --val" in " ".join(err.split())
     assert not (tmp_path / "o").exists()
     code, err = run("generate", base_run, "--prompt", "x", "--system", "s")
     assert code == 2 and "--system needs --chat" in err

@@ -98,13 +98,17 @@ def train_val(
     """(train records, val records, records read from DATA): val is ``--val`` (its bad records
     counted as ``val_<reason>``) or ``split`` of DATA by ``val_fraction``."""
     records = load(cfg.data, bad)
+    n_read = len(records) + sum(bad.values())  # the records that loaded and those skipped while loading
     if not cfg.val:
-        return *split(records, cfg.val_fraction), len(records)
+        return *split(records, cfg.val_fraction), n_read
     val_bad: dict[str, int] = {}
     val = load(cfg.val, val_bad)
+    if not val:
+        reasons = ", ".join(f"{k} {v}" for k, v in val_bad.items()) or "the files hold no records"
+        raise UsageError(f"--val {', '.join(map(str, cfg.val))}: no usable records ({reasons}); check the file or drop --val")
     for k, v in val_bad.items():
         count(bad, f"val_{k}", v)
-    return records, val, len(records)
+    return records, val, n_read
 
 
 def no_usable(what: str, cfg: FinetuneConfig, bad: dict[str, int]) -> UsageError:
