@@ -215,7 +215,7 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, docs37):
 
 
 @pytest.mark.parametrize("case", ["missing_blocklist", "binary_blocklist", "no_language", "empty", "bad_chain",
-                                  "bad_param", "bad_toml_table"])
+                                  "bad_param", "bad_toml_table", "language_score_range", "top_percent_no_model"])
 def test_bad_input_one_line_before_work(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("COLUMNS", "300")
     make_docs(tmp_path / "in", with_language=case != "no_language")
@@ -235,6 +235,10 @@ def test_bad_input_one_line_before_work(tmp_path, capsys, monkeypatch, case):
         args += ["--chain", "gopher_quality,nonsense"]
     elif case == "bad_param":
         args += ["--set", "gopher_quality.min_doc_words=lots"]
+    elif case == "language_score_range":
+        args += ["--min-language-score", "5"]
+    elif case == "top_percent_no_model":  # it would be ignored: the quality filter needs its model
+        args += ["--quality-top-percent", "50"]
     elif case == "bad_toml_table":
         (tmp_path / "c.toml").write_text("[gopher_qualty]\nmin_doc_words = 3\n", encoding="utf-8")
         args += ["--config", tmp_path / "c.toml"]
@@ -250,5 +254,6 @@ def test_bad_input_one_line_before_work(tmp_path, capsys, monkeypatch, case):
     assert not list(tmp_path.glob(".out.tmp-*"))
     expected = {"missing_blocklist": "not found", "binary_blocklist": "not a text file", "no_language": "language",
                 "empty": "no documents", "bad_chain": "nonsense", "bad_param": "min_doc_words",
-                "bad_toml_table": "gopher_qualty"}[case]
+                "bad_toml_table": "gopher_qualty", "language_score_range": "min_score=5.0",
+                "top_percent_no_model": "--quality-top-percent needs --quality-model"}[case]
     assert expected in err

@@ -154,6 +154,9 @@ def run_cmd(
         put("quality", "threshold", quality_threshold)
     if quality_top_percent is not None:
         put("quality", "top_percent", quality_top_percent)
+    if (quality_top_percent is not None or given("quality_threshold")) and not tables.get("quality", {}).get("model"):
+        flag = "--quality-top-percent" if quality_top_percent is not None else "--quality-threshold"
+        raise UsageError(f"{flag} needs --quality-model DIR (a classifier from llmctl filter train-quality)")
     if domain_rules:
         put("domains", "rules", domain_rules)
     if domain_model:

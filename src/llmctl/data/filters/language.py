@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...errors import UsageError
 from .base import Doc, Filter, FilterParams
 
 
@@ -27,6 +28,11 @@ class LanguageFilter(Filter):
     def __init__(self, params: LanguageParams):
         super().__init__(params)
         self._keep = frozenset(x.lower() for x in params.languages)
+
+    def check(self) -> None:
+        s = self.params.min_score
+        if s is not None and not 0.0 <= s <= 1.0:
+            raise UsageError(f"language min_score={s}: a language score is a probability; give a value in [0, 1]")
 
     def apply(self, doc: Doc) -> str | None:
         lang = (doc.meta.get("language") or "").lower()
