@@ -58,4 +58,9 @@ def test_config_unknown_key_or_bad_file_is_one_line_usage_error(tmp_path, capsys
     assert code == 2 and len(err.strip().splitlines()) == 1 and "TOML" in err
     code, _, err = cli(capsys, "crawl", "https://example.com/", "--out", tmp_path / "o", "--config", tmp_path / "nope.toml")
     assert code == 2 and "not found" in err
+    typed = tmp_path / "typed.toml"
+    typed.write_text('max_pages = "two"\n')
+    code, _, err = cli(capsys, "crawl", "https://example.com/", "--out", tmp_path / "o", "--config", typed)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{typed}: max_pages = 'two'" in " ".join(err.split()) and "valid integer" in err
     assert not (tmp_path / "o").exists()

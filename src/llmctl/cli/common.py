@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 
 try:  # recent typer vendors its own click
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import BadParameter, ClickException
 except ImportError:  # pragma: no cover - older typer on the click package
-    from click.exceptions import ClickException
+    from click.exceptions import BadParameter, ClickException
 
 from ..errors import UsageError
 
@@ -51,9 +51,21 @@ def _load_config(ctx: Any, param: Any, value: Path | None) -> Path | None:
             raise UsageError(f"{value}: unknown option '{key}' for '{name}'; see llmctl {name} --help")
         if getattr(known[k], "param_type_name", "") == "argument":
             raise UsageError(f"{value}: '{key}' is a positional argument; give it on the command line")
+        _check_value(value, key, v, known[k], ctx)
         defaults[k] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _check_value(path: Path, key: str, v: Any, param: Any, ctx: Any) -> None:
+    """A config value the option's type cannot take is the file's fault: say so, naming the file
+    (click would report it as a bad command-line value)."""
+    if getattr(param, "callback", None) is not None:  # eager options such as --version act when processed
+        return
+    try:
+        param.process_value(ctx, v)
+    except BadParameter as e:
+        raise UsageError(f"{path}: {key} = {v!r}: {e.message}; fix the file") from None
 
 
 ConfigOpt = Annotated[
