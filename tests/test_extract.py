@@ -212,6 +212,27 @@ def test_built_warc_documents(built):
     assert len(set(ids)) == len(ids)
 
 
+def test_a_file_cut_in_the_first_bytes_of_its_last_member_counts_that_record(shared_data, tmp_path):
+    """Cut a real WARC 30 bytes into its last gzip member (the header and almost none of the deflate
+    stream): nothing of that record inflates, so it must be counted as broken, not lost silently."""
+    import zlib
+
+    data = (shared_data / "warc" / "cc-sample.warc.gz").read_bytes()
+    starts, rest = [], data
+    while rest:  # member boundaries, from the inflater itself
+        starts.append(len(data) - len(rest))
+        d = zlib.decompressobj(31)
+        d.decompress(rest)
+        rest = d.unused_data
+    whole = [i for i in iter_records(shared_data / "warc" / "cc-sample.warc.gz") if not isinstance(i, Problem)]
+    cut = tmp_path / "cut.warc.gz"
+    cut.write_bytes(data[: starts[-1] + 30])
+    items = list(iter_records(cut))
+    problems = [(i.reason, i.offset) for i in items if isinstance(i, Problem)]
+    assert problems == [("broken_gzip", starts[-1])]
+    assert len([i for i in items if not isinstance(i, Problem)]) == len(whole) - 1
+
+
 def test_shared_warcs(shared_data, tmp_path, llmctl):
     """Every real file in ../shared/data/warc: exact counts per file, nothing crashes."""
     out = tmp_path / "docs"

@@ -108,6 +108,7 @@ class _Stream:
         self._pending = b""
         self._file_pos = 0  # bytes read from fh so far
         self._member_file_off = 0
+        self._member_out = 0  # bytes inflated from the current member
         self._fh_eof = False
 
     # logical position of the next unread byte
@@ -173,6 +174,7 @@ class _Stream:
                         return False
                     continue
                 self._member_file_off = member_off
+                self._member_out = 0
                 self.members.append((self.base + len(self.buf), member_off))
                 self._dec = zlib.decompressobj(31)
             try:
@@ -194,11 +196,15 @@ class _Stream:
                 if not self._pending:
                     self._pending = self._read_file()
                     if not self._pending and not out:
-                        # the file ends inside a gzip member: what was inflated is all there is
+                        # the file ends inside a gzip member: what was inflated is all there is; a
+                        # member cut before any of it inflated is a record lost whole, so count it
+                        if not self._member_out:
+                            self.problems.append(Problem("broken_gzip", self._member_file_off))
                         self._dec = None
                         self.eof = True
                         return False
             if out:
+                self._member_out += len(out)
                 self.buf += out
                 return True
 
