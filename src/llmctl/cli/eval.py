@@ -34,7 +34,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot draw.")] = 1234,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Score only the first N items of each task; 0 = all.")] = 0,
     bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prefix contexts and prompts with BOS (lm-eval's default is no).")] = False,
-    chat: Annotated[bool, typer.Option("--chat", help="Generation protocol: each prompt is a user turn of the chat format (BOS first; for sft runs).")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Generation protocol and judge answers: each prompt is a user turn of the model's chat format (llmctl's for sft runs, else the directory's chat_template).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated for a letter answer.")] = 4,
     contamination: Annotated[
         Path | None, typer.Option("--contamination", help="Training artifact (docs, tokens, Parquet, text) to check n-gram overlap against.")

@@ -37,7 +37,7 @@ def generate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts generated together.")] = 16,
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not put BOS in front of each prompt.")] = False,
     logprobs: Annotated[bool, typer.Option("--logprobs", help="Also write each token's log-probability to --out.")] = False,
-    chat: Annotated[bool, typer.Option("--chat", help="Prompts are user turns of llmctl's chat format (for sft runs); replies stop at <|end|>.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Prompts are user turns of the model's chat format (llmctl's for sft runs, else the directory's chat_template); replies stop at its end of turn.")] = False,
     system: Annotated[str | None, typer.Option("--system", help="With --chat: a system message before each prompt.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16.")] = "auto",
