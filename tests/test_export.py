@@ -107,9 +107,13 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     texts = [*TEXTS, EXTRA_TEXT[:3000], Path(__file__).read_text(encoding="utf-8")]
     for t in texts:
         ours = tok.encode(t)
-        assert hf_tok(t)["input_ids"] == [tok.bos_id, *ours], repr(t[:40])
-        assert hf_tok(t, add_special_tokens=False)["input_ids"] == ours
-        assert hf_tok.decode(hf_tok(t)["input_ids"], skip_special_tokens=True) == tok.decode(ours)
+        # special-token text reads as text only on request (as sentencepiece always reads it)
+        split = {"split_special_tokens": True} if "<s>" in t else {}
+        assert hf_tok(t, **split)["input_ids"] == [tok.bos_id, *ours], repr(t[:40])
+        assert hf_tok(t, add_special_tokens=False, **split)["input_ids"] == ours
+        assert hf_tok.decode(hf_tok(t, **split)["input_ids"], skip_special_tokens=True) == tok.decode(ours)
+    # by default it reads as the token, as in every Llama tokenizer (the chat template writes BOS so)
+    assert hf_tok("<s>x", add_special_tokens=False)["input_ids"][0] == tok.bos_id
     assert any(tok.sp.is_byte(i) for i in tok.encode(TEXTS[5]))  # byte fallback was exercised
     chat = hf_tok(TEXTS[6], add_special_tokens=False)["input_ids"]
     assert tok.sp.piece_to_id("<|user|>") in chat and tok.sp.piece_to_id("<|assistant|>") in chat
@@ -119,9 +123,13 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
     text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == render_prompt(msgs)
-    assert hf_tok(text)["input_ids"] == [tok.bos_id, *tok.encode(render_prompt(msgs))]
-    assert hf_tok.apply_chat_template(msgs[:3], tokenize=False) == "".join(render_message(**m) for m in msgs[:3])
+    assert text == hf_tok.bos_token + render_prompt(msgs)
+    # tokenized as transformers and vLLM do (no special tokens added): BOS first, as sft trained
+    want = [tok.bos_id, *tok.encode(render_prompt(msgs))]
+    assert hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"] == want
+    assert hf_tok.apply_chat_template(msgs[:3], tokenize=False) == hf_tok.bos_token + "".join(render_message(**m) for m in msgs[:3])
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_id, tok.sp.piece_to_id("<|end|>")]  # a reply ends at <|end|>
 
     assert isinstance(load_hf(hf_dir)[1], Tokenizer)  # our export: the run's own model
     c = json.loads((hf_dir / "config.json").read_text())

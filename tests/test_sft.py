@@ -249,9 +249,10 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     export_hf(ExportConfig(run=out, out=tmp_path / "hf"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    chat = hf_tok.apply_chat_template([{"role": "user", "content": "What is the secret word?"}], tokenize=False, add_generation_prompt=True)
-    ids = hf_tok(chat, return_tensors="pt")["input_ids"]
-    gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.convert_tokens_to_ids("<|end|>"))
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "What is the secret word?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)["input_ids"]
+    assert ids[0].tolist() == fmt.prompt("What is the secret word?")  # BOS first, as trained
+    gen = hf.generate(ids, max_new_tokens=12, do_sample=False)  # generation_config stops at <|end|>
     assert hf_tok.decode(gen[0, ids.shape[1] :]) == "swordfish<|end|>"
     _third_party_chat(tmp_path / "hf", tmp_path / "third", fmt)
     # same options and data: nothing to redo
@@ -271,11 +272,9 @@ def _third_party_chat(hf_dir: Path, third: Path, ours: ChatFormat) -> None:
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     (third / "tokenizer_config.json").write_text(json.dumps(tc))
-    gen = json.loads((third / "generation_config.json").read_text())
-    gen["eos_token_id"] = [gen["eos_token_id"], ours.stop_ids[0]]  # chat models list their end-of-turn id here
-    (third / "generation_config.json").write_text(json.dumps(gen))
     tok = load_any(third)[1]
     fmt = chat_format(tok, third)
+    # the end-of-turn id comes from generation_config.json, where chat models (and our exports) list it
     assert isinstance(tok, HFTokenizer) and fmt.kind == "template" and ours.stop_ids[0] in fmt.stop_ids
     for system in (None, "Be brief."):
         assert fmt.prompt("What is the secret word?", system) == ours.prompt("What is the secret word?", system)

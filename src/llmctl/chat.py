@@ -88,16 +88,18 @@ def chat_format(tok: Any, where: object) -> ChatFormat:
     )
 
 
-def hf_chat_template() -> str:
+def hf_chat_template(bos: bool = True) -> str:
     """The chat format as a Jinja template for transformers' ``apply_chat_template`` (written into
     an export's tokenizer_config.json): with ``add_generation_prompt`` it renders exactly
-    ``render_prompt``. It has no BOS: the exported tokenizer adds BOS when it encodes, and it reads
-    special-token text such as "<s>" as plain text, as sentencepiece does."""
+    ``render_prompt``, after ``bos_token`` as every training example starts (``bos``). Templates
+    carry BOS themselves because ``apply_chat_template(tokenize=True)``, and vLLM's chat endpoint,
+    tokenize the rendering without adding special tokens."""
     opens = "".join(
         f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{ROLE_MARKERS[r]}" for i, r in enumerate(ROLES)
     )
     return (
-        "{% for message in messages %}" + opens
+        ("{{ bos_token }}" if bos else "")
+        + "{% for message in messages %}" + opens
         + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
         + "{{ message['content'] }}" + ROLE_MARKERS["end"] + "{% endfor %}"
         + "{% if add_generation_prompt %}" + ROLE_MARKERS["assistant"] + "{% endif %}"

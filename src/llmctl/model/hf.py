@@ -8,9 +8,12 @@ model uses QK-norm) ``config.json``, ``model.safetensors`` with transformers' pa
 BPE merges ranked by the merged piece's score, byte fallback stays on, user-defined symbols (chat
 markers) become added tokens, and the dummy "▁" prefix is prepended only when the sentencepiece
 model was trained with ``add_dummy_prefix``. ``tokenizer.model`` is copied too (llama.cpp's
-converter reads it). One known difference, in decoding only: a run of byte pieces that is not valid
-UTF-8 (which only a model can produce) decodes in ``tokenizers`` to one U+FFFD per byte, where
-sentencepiece keeps the valid bytes of the run. ``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the
+converter reads it). Two known differences: special-token text in the input ("<s>") reads as that
+token, as in every Llama tokenizer and as the chat template needs for its BOS, where sentencepiece
+reads it as text (``split_special_tokens=True`` gives sentencepiece's ids); and in decoding, a run
+of byte pieces that is not valid UTF-8 (which only a model can produce) decodes in ``tokenizers``
+to one U+FFFD per byte, where sentencepiece keeps the valid bytes of the run. A chat model's
+template starts with BOS and its generation config stops at ``<|end|>`` as well as EOS. ``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the
 same shape) back into our :class:`Transformer` with a tokenizer adapter.
 """
 
@@ -204,6 +207,13 @@ def _has_role_markers(sp: Any) -> bool:
     return set(ROLE_MARKERS.values()) <= user
 
 
+def _end_marker_id(sp: Any) -> int | None:
+    """The id of the ``<|end|>`` chat marker, when the tokenizer has llmctl's role markers."""
+    if not _has_role_markers(sp):
+        return None
+    return next(i for i, (p, _, _) in enumerate(sp.pieces) if p == ROLE_MARKERS["end"])
+
+
 def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     """Our parameter names → transformers' (``model.`` prefix on the decoder, ``lm_head`` outside)."""
     state = {}
@@ -322,6 +332,9 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
         stage.commit(WEIGHTS)
         write_json_atomic(w / CONFIG, hf_config(model.cfg, sp, cfg.dtype, reward))
         gen = {"_from_model_config": True, "bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id}
+        end_id = _end_marker_id(sp)
+        if end_id is not None and not reward:  # a chat model's reply ends at <|end|>: generation stops there too
+            gen["eos_token_id"] = [sp.eos_id, end_id]
         if sp.pad_id >= 0:
             gen["pad_token_id"] = sp.pad_id
         write_json_atomic(w / "generation_config.json", gen)
@@ -344,12 +357,15 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
                 "add_eos_token": False,
                 "model_max_length": model.cfg.max_seq_len,
                 "clean_up_tokenization_spaces": False,
-                # sentencepiece never reads "<s>" in text as BOS: neither does this tokenizer
-                "split_special_tokens": True,
+                # as in every Llama tokenizer, special-token text ("<s>") reads as that token: the
+                # chat template writes BOS as text, since apply_chat_template and vLLM tokenize its
+                # rendering without adding BOS. (sentencepiece reads "<s>" in text as text; pass
+                # split_special_tokens=True to get its ids for such text.)
+                "split_special_tokens": False,
                 # generation pads on the left; a reward model reads each row's last token, so right
                 "padding_side": "right" if reward else "left",
                 # llmctl's chat format (chat.py), when the tokenizer has its role markers
-                **({"chat_template": hf_chat_template()} if _has_role_markers(sp) else {}),
+                **({"chat_template": hf_chat_template(bos=sp.bos_id >= 0)} if _has_role_markers(sp) else {}),
             },
         )
         write_json_atomic(w / "special_tokens_map.json", special)
@@ -408,7 +424,7 @@ class HFTokenizer:
                 special[k] = v
         stops: set[int] = set()
         for v in (gen.get("eos_token_id"), config.get("eos_token_id")):
-            stops.update(v if isinstance(v, list) else [] if v is None else [v])
+            stops.update(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, int))
         tok = cls(
             path / "tokenizer.json", config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id"),
             chat_template=template if isinstance(template, str) else None, special_text=special, stop_ids=tuple(stops),
