@@ -13,8 +13,10 @@ token, as in every Llama tokenizer and as the chat template needs for its BOS, w
 reads it as text (``split_special_tokens=True`` gives sentencepiece's ids); and in decoding, a run
 of byte pieces that is not valid UTF-8 (which only a model can produce) decodes in ``tokenizers``
 to one U+FFFD per byte, where sentencepiece keeps the valid bytes of the run. A chat model's
-template starts with BOS and its generation config stops at ``<|end|>`` as well as EOS. ``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the
-same shape) back into our :class:`Transformer` with a tokenizer adapter.
+template starts with BOS and its generation config stops at ``<|end|>`` as well as EOS.
+
+``load_hf`` reads such a directory (or any Llama/Qwen3 checkpoint of the same shape) back into our
+:class:`Transformer` with a tokenizer adapter (``HFTokenizer``, with the directory's chat template).
 """
 
 from __future__ import annotations
@@ -403,7 +405,9 @@ class HFTokenizer:
         self.pad_id = -1 if pad_id is None else int(pad_id)
         self.chat_template = chat_template
         self.special_text = special_text or {}  # bos_token / eos_token as text, for the template
-        self.stop_ids = tuple(sorted({*stop_ids, *([self.eos_id] if self.eos_id >= 0 else [])}))
+        eos_text = self.tok.token_to_id(self.special_text["eos_token"]) if "eos_token" in self.special_text else None
+        self.stop_ids = tuple(sorted({*stop_ids, *(i for i in (self.eos_id, eos_text) if i is not None and i >= 0)}))
+        self._template: Any = None  # the compiled chat template, on first use
 
     @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any]) -> HFTokenizer:
@@ -425,13 +429,10 @@ class HFTokenizer:
         stops: set[int] = set()
         for v in (gen.get("eos_token_id"), config.get("eos_token_id")):
             stops.update(x for x in (v if isinstance(v, list) else [v]) if isinstance(x, int))
-        tok = cls(
+        return cls(
             path / "tokenizer.json", config.get("bos_token_id"), config.get("eos_token_id"), config.get("pad_token_id"),
             chat_template=template if isinstance(template, str) else None, special_text=special, stop_ids=tuple(stops),
         )
-        if "eos_token" in special and (i := tok.tok.token_to_id(special["eos_token"])) is not None:
-            tok.stop_ids = tuple(sorted({*tok.stop_ids, i}))
-        return tok
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -442,21 +443,12 @@ class HFTokenizer:
     def apply_chat_template(self, messages) -> list[int]:
         """The ids of ``messages`` rendered by the directory's chat template with the generation
         prompt, special tokens in the rendered text read as such (as transformers does)."""
-        import datetime
-
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def fail(msg: str) -> None:
-            raise UsageError(f"the chat template refused the conversation: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
-        env.globals.update(raise_exception=fail, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
         try:
-            text = env.from_string(str(self.chat_template)).render(
-                messages=list(messages), add_generation_prompt=True, tools=None, **self.special_text,
-            )
+            if self._template is None:
+                self._template = _compile_template(str(self.chat_template))
+            text = self._template.render(messages=list(messages), add_generation_prompt=True, tools=None, **self.special_text)
         except TemplateError as e:
             raise UsageError(f"the chat template does not render ({e}); fix chat_template in tokenizer_config.json") from e
         self.tok.encode_special_tokens = False
@@ -464,6 +456,22 @@ class HFTokenizer:
             return self.tok.encode(text, add_special_tokens=False).ids
         finally:
             self.tok.encode_special_tokens = True
+
+
+def _compile_template(source: str) -> Any:
+    """A chat template compiled as transformers renders them: a sandbox, blocks trimmed,
+    ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps non-ASCII text."""
+    import datetime
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def fail(msg: str) -> None:
+        raise UsageError(f"the chat template refused the conversation: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+    env.globals.update(raise_exception=fail, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(source)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

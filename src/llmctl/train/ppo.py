@@ -310,6 +310,8 @@ class PPOObjective(Objective):
         return bool(reply) and reply[-1] in (self.end_id, self.tok.eos_id)
 
     def _sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """The sampled replies' ids; the time and token count go into ``self.timing``."""
+        t0 = time.perf_counter()
         params = SamplingParams(
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, stop_ids=(self.end_id,), seed=seed,
         )
@@ -321,7 +323,11 @@ class PPOObjective(Objective):
                 done = generate(model, self.tok, prompts, params, batch_size=len(prompts))
         finally:
             model.train(was_training)
-        return [c.token_ids for c in done]
+        replies = [c.token_ids for c in done]  # Python lists: the device has finished
+        self._last_sample = (time.perf_counter() - t0, sum(map(len, replies)))
+        self.timing["sample_seconds"] += self._last_sample[0]
+        self.timing["sampled_tokens"] += self._last_sample[1]
+        return replies
 
     def _scores(self, prompts: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
         """The reward model's score of each conversation; one whose reply ended at ``<|end|>`` gets
@@ -350,11 +356,8 @@ class PPOObjective(Objective):
         return {"logp": logp.cpu(), "ref_logp": ref_logp.cpu(), "entropy": ent.cpu(), "values": values.cpu(), "mask": b["mask"].cpu()}
 
     def _evaluate_replies(self, prompts: list[list[int]], seed: int) -> tuple[Rollout, dict[str, torch.Tensor], torch.Tensor]:
-        """Sample replies to ``prompts``, score them and take their token statistics (the sampling
-        time is added to ``self.timing``)."""
-        t0 = time.perf_counter()
+        """Sample replies to ``prompts``, score them and take their token statistics."""
         replies = self._sample(prompts, seed)
-        self._sampled(time.perf_counter() - t0, sum(map(len, replies)))
         r = Rollout(prompts, replies, {k: [[0.0] * len(x) for x in replies] for k in TOKEN_FIELDS}, {})
         scores = self._scores(prompts, replies)
         mb = self.cfg.micro_batch
@@ -362,12 +365,6 @@ class PPOObjective(Objective):
         n = max(len(x) for x in replies)
         stats = {k: torch.cat([F.pad(p[k], (0, n - p[k].shape[1])) for p in parts]) for k in parts[0]}
         return r, stats, scores
-
-    def _sampled(self, seconds: float, tokens: int) -> None:
-        # the replies are Python lists by now, so the device has finished
-        self.timing["sample_seconds"] += seconds
-        self.timing["sampled_tokens"] += tokens
-        self._last_sample = (seconds, tokens)
 
     def _make_rollout(self) -> Rollout:
         cfg, d = self.cfg, self.ctx.dist
