@@ -95,6 +95,26 @@ def test_cli_help_and_version(llmctl):
     assert r.code == 2
 
 
+
+def test_help_paragraphs_are_reflowed_and_examples_kept():
+    """typer's rich mode keeps a docstring's source line breaks after its first paragraph, so a
+    narrow terminal showed ragged half-lines: prose paragraphs are joined, indented examples kept."""
+    from llmctl.cli import reflow
+
+    doc = """Summary line
+    that wraps.
+
+    Prose that
+    wraps here.
+
+    Example:
+
+      llmctl x --a 1
+      llmctl y
+    """
+    assert reflow(doc) == "Summary line that wraps.\n\nProse that wraps here.\n\nExample:\n\n  llmctl x --a 1\n  llmctl y"
+
+
 def test_worker_count_does_not_invalidate_a_finished_or_resumable_run(tmp_path):
     out = tmp_path / "art"
     run = _run(out, {"a": 1, "workers": 1})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Annotated
@@ -75,9 +76,28 @@ def _register(argv: list[str] | None = None) -> None:
             importlib.import_module(f"{__name__}.{name}")
 
 
+def reflow(doc: str) -> str:
+    """A docstring as help text: the lines of each prose paragraph joined (typer's rich mode keeps
+    every source line break after the first paragraph, which a narrow terminal then breaks again);
+    a paragraph with indented lines (an example) keeps its lines."""
+    paras = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n")) for p in paras)
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    """Give every command of ``t`` (and of its sub-apps) its docstring reflowed as its help."""
+    for info in t.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = reflow(info.callback.__doc__)
+    for group in t.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _register(argv)
+    _reflow_help(app)
     debug = "--debug" in argv or os.environ.get("LLMCTL_DEBUG") == "1"
     try:
         # outside standalone mode click returns an Exit's code instead of exiting, and typer turns
