@@ -207,7 +207,7 @@ def base_run(tmp_path, spm_model) -> Path:
     return tmp_path / "base"
 
 
-def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, one_thread):
+def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, one_thread, monkeypatch):
     question = MCItem("q", "Which one is a colour?", ["dog", "blue", "seven"], gold=1)
     data = tmp_path / "chat.jsonl"
     rows = [
@@ -255,7 +255,13 @@ def test_cli_sft_teaches_a_reply_that_generate_chat_gives(base_run, tmp_path, on
     gen = hf.generate(ids, max_new_tokens=12, do_sample=False)  # generation_config stops at <|end|>
     assert hf_tok.decode(gen[0, ids.shape[1] :]) == "swordfish<|end|>"
     _third_party_chat(tmp_path / "hf", tmp_path / "third", fmt)
-    # same options and data: nothing to redo
+    # same options and data: nothing to redo, known from the manifest before any data is read
+    import llmctl.train.sft as sft_stage
+
+    def no_reading(*a, **k):
+        raise AssertionError("a complete run read its data again")
+
+    monkeypatch.setattr(sft_stage, "train_val", no_reading)
     assert cli("sft", *args) == 0
 
 

@@ -29,6 +29,7 @@ from ..device import resolve_device
 from ..errors import UsageError
 from .distributed import init_distributed
 from .finetune import (
+    already_done,
     check_fits,
     fit_and_publish,
     prepare,
@@ -126,6 +127,8 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     """Train (or resume) and publish the run; return its manifest."""
     if cfg.beta <= 0:
         raise UsageError(f"--beta {cfg.beta}: give --beta > 0")
+    if (done := already_done(cfg, STAGE)) is not None:
+        return done
     mcfg, tok_path, tok = prepare(cfg)
     data = read_pairs(cfg, tok, int(cfg.seq_len) + 1)  # + 1: a side's inputs and targets are its ids shifted by one
     train = [Pair(Example(*c.targets()), Example(*r.targets())) for c, r in data.train]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..artifacts import StageRun, require_artifact, write_json_atomic
+from ..artifacts import (
+    MANIFEST,
+    StageRun,
+    input_record,
+    params_fingerprint,
+    require_artifact,
+    write_json_atomic,
+)
 from ..console import console
 from ..errors import UsageError
 from ..model.config import ModelConfig
@@ -52,6 +60,9 @@ class FinetuneConfig(LoopConfig):
     warmup_steps: int = 10
     weight_decay: float = 0.0
     force: bool = False
+    #: the fingerprint of the options as given and the inputs, before any is derived from the data
+    #: (set by ``already_done``; kept in the manifest so a rerun can be a no-op without reading data)
+    request: str = ""
 
     def inputs(self) -> list[Path]:
         return [Path(self.base), *self.data, *self.val]
@@ -192,10 +203,33 @@ def base_model(base: Path, mcfg: ModelConfig, seed: int) -> Transformer:
     return model
 
 
+def already_done(cfg: FinetuneConfig, stage_name: str) -> dict[str, Any] | None:
+    """The manifest of ``cfg.out`` when it is a finished ``stage_name`` run of these same options
+    and inputs (then the stage has nothing to do, and need not read or tokenise its data); else
+    None. Either way ``cfg.request`` is set, for the manifest of the run about to be made."""
+    try:
+        cfg.request = params_fingerprint(params_of(cfg), [input_record(p) for p in cfg.inputs()])
+    except UsageError:  # a missing input: the stage's own checks say so in their words
+        return None
+    mf = Path(cfg.out) / MANIFEST
+    if cfg.force or not mf.is_file():
+        return None
+    try:
+        m = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if m.get("stage") != stage_name or m.get("request_fingerprint") != cfg.request:
+        return None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, before the process group exists
+        console.print(f"{stage_name}: {cfg.out} is already complete (same options and data); nothing to do")
+    return m
+
+
 def params_of(cfg: Any) -> dict[str, Any]:
-    """A stage config as manifest parameters (paths as strings, ``force`` left out)."""
+    """A stage config as manifest parameters (paths as strings, ``force`` and ``request`` left out)."""
     p = asdict(cfg)
     p.pop("force", None)
+    p.pop("request", None)
     for k, v in p.items():
         if isinstance(v, Path):
             p[k] = str(v)
@@ -260,12 +294,14 @@ def fit_and_publish(
     if extra_files is not None:
         extra_files(work)
     own = stats(result, final)
-    return publish(stage, model, tok_path, {**own, "accum_steps": accum, "world_size": dist_ctx.world_size, **result})
+    return publish(
+        stage, model, tok_path, {**own, "accum_steps": accum, "world_size": dist_ctx.world_size, **result}, cfg.request,
+    )
 
 
-def publish(run: StageRun, model: Transformer, tok_path: Path, stats: dict[str, Any]) -> dict[str, Any]:
+def publish(run: StageRun, model: Transformer, tok_path: Path, stats: dict[str, Any], request: str = "") -> dict[str, Any]:
     """Write the final weights and the tokenizer into the run and finish it; returns the manifest."""
     save_weights(model, run.work / WEIGHTS)
     shutil.copyfile(tok_path, run.work / TOKENIZER)
     assert (run.work / METRICS).is_file() and (run.work / PLOT).is_file()
-    return run.finish(stats)
+    return run.finish(stats, **({"request_fingerprint": request} if request else {}))

@@ -60,6 +60,7 @@ from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
+    already_done,
     check_fits,
     count,
     fit_and_publish,
@@ -502,6 +503,8 @@ def same_tokenizer(policy_tok: Path, reward_run: Path) -> None:
 def run(cfg: PPOConfig) -> dict[str, Any]:
     """Train (or resume) the policy with PPO against the reward model and publish it."""
     check_options(cfg)
+    if (done := already_done(cfg, STAGE)) is not None:
+        return done
     mcfg, tok_path, tok = prepare(cfg)
     same_tokenizer(tok_path, cfg.reward)
     if cfg.max_new_tokens >= int(cfg.seq_len):

@@ -29,6 +29,7 @@ from ..model.io import save_weights
 from ..model.reward import SCORE, pad_right, rewards, score_head
 from .distributed import init_distributed
 from .finetune import (
+    already_done,
     check_fits,
     fit_and_publish,
     prepare,
@@ -102,6 +103,8 @@ class RewardObjective(PairObjective):
 
 def run(cfg: RewardConfig) -> dict[str, Any]:
     """Train (or resume) and publish the reward model; return its manifest."""
+    if (done := already_done(cfg, STAGE)) is not None:
+        return done
     mcfg, tok_path, tok = prepare(cfg)
     data = read_pairs(cfg, tok, int(cfg.seq_len))
     device = resolve_device(cfg.device)

@@ -42,6 +42,7 @@ from .distributed import init_distributed
 from .finetune import (
     EpochOrder,
     FinetuneConfig,
+    already_done,
     check_fits,
     count,
     fit_and_publish,
@@ -255,6 +256,8 @@ class SFTObjective(Objective):
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune (or resume) and publish the run; return its manifest."""
+    if (done := already_done(cfg, STAGE)) is not None:
+        return done
     mcfg, tok_path, tok = prepare(cfg)
     bad: dict[str, int] = {}
     train_convs, val_convs, n_convs = train_val(cfg, load_conversations, split_val, bad)
