@@ -274,6 +274,8 @@ BAD_CSV = [
     ("params,tokens,loss\n1e6,1e8,abc\n", "not a number"),
     ("params,tokens,loss\n1e6,1e8,3\n2e6,1e8,2.9\n3e6,1e8,2.8\n4e6,1e8,2.7\n4e6,1e8,2.71\n", "at least 5"),
     ("params,tokens,loss\n1e6,1e8\n", "fields"),
+    # one tokens-per-parameter ratio (a common "scale both" series): the fit is not identified
+    ("params,tokens,loss\n1e6,2e7,4.0\n2e6,4e7,3.7\n4e6,8e7,3.45\n8e6,1.6e8,3.25\n1.6e7,3.2e8,3.1\n", "lies on one curve"),
     ("", "empty CSV"),
 ]
 

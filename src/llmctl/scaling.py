@@ -88,6 +88,18 @@ def _check_enough(points: Points, source: str) -> Points:
             f"{source}: {points.distinct()} distinct (params, tokens) points; fitting E, A, B, α, β "
             f"needs at least {MIN_POINTS} — add runs"
         )
+    # runs on one curve D ∝ N^k (e.g. a fixed tokens-per-parameter ratio) cannot tell the params
+    # term from the data term: the fit is not identified, whatever the optimiser returns
+    x, y = np.log(points.N), np.log(points.D)
+    if np.ptp(x) > 0 and np.ptp(y) > 0:
+        resid = y - np.polyval(np.polyfit(x, y, 1), x)
+        if float(np.max(np.abs(resid))) < 0.05:
+            k = float(np.polyfit(x, y, 1)[0])
+            raise UsageError(
+                f"{source}: every run lies on one curve tokens ∝ params^{k:.2f} (e.g. one tokens-per-parameter "
+                "ratio), so the params and data terms cannot be told apart; add runs that vary params and "
+                "tokens independently (an IsoFLOP sweep: llmctl scaling-fit sweep)"
+            )
     return points
 
 
@@ -699,7 +711,9 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
     ax = axes[2]
     cs = list(points.compute) + [b["budget_flops"] for b in results["compute_optimal"]]
     cgrid = np.geomspace(min(cs) / 2, max(cs) * 2, 100)
-    nopt = [compute_optimal(p, c)["N_opt"] for c in cgrid]
+    nopt = np.array([compute_optimal(p, c)["N_opt"] for c in cgrid], dtype=float)
+    ok = np.isfinite(nopt) & (nopt > 0)  # no optimum where the fit has none (β ≤ 0, say)
+    cgrid, nopt = cgrid[ok], nopt[ok]
     ax.plot(cgrid, nopt, label=f"approach 3: N_opt ∝ C^{results['optimal_exponents']['a']:.3f}")
     if a2["available"]:
         ax.scatter([g["compute"] for g in used], [g["N_opt"] for g in used], color="C1", zorder=3)
