@@ -308,6 +308,15 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     assert acc["n"] == len(QUESTIONS)
     assert acc["settings"]["skipped"] == {"missing_field": 1, "gold_out_of_range": 1,
                                           "likelihood:longer_than_context": 1}
+    # items scored: not the one longer than the context
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["stats"]["items_scored"] == len(QUESTIONS)
+    # a task none of whose items can be scored: a warning, and null (strict JSON) rather than NaN
+    long_only = write_task(tmp_path / "t-long", [{"q": "long " * 200, "opts": ["a", "b"], "label": 0}])
+    code = cli("eval", run, "--task", f"jsonl:{long_only}", "--protocol", "likelihood", "--out", tmp_path / "o-long")
+    out, err = capsys.readouterr()
+    assert code == 0 and "no item could be scored (likelihood:longer_than_context 1)" in " ".join((out + err).split())
+    strict = json.loads((tmp_path / "o-long" / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert {r["metric"]: r["value"] for r in strict["results"]} == {"acc": None, "acc_norm": None}
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": "items.jsonl", "template": "{q}"}))

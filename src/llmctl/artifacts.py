@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -40,8 +41,21 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def finite_or_none(obj: Any) -> Any:
+    """JSON has no NaN or Infinity: an undefined number (a metric over no items, no optimum when
+    β ≤ 0) becomes null, so every JSON file llmctl writes is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, float) or (getattr(obj, "shape", None) == () and getattr(obj.dtype, "kind", "") == "f"):  # numpy scalars
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    return obj
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return json.dumps(finite_or_none(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import StageRun, require_artifact, write_json_atomic
+from .artifacts import StageRun, finite_or_none, require_artifact, write_json_atomic
 from .errors import StageError, UsageError
 
 #: Hoffmann et al. (2022) / Epoch AI's grid of initial values (REFERENCE.md, "Scaling laws")
@@ -736,24 +736,13 @@ def plot(points: Points, results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _finite_or_none(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: undefined numbers (e.g. no optimum when β ≤ 0) become null."""
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
-        return None
-    return obj
-
-
 def _publish(run: StageRun, points: Points, cfg_params: dict[str, Any], cfg: FitConfig) -> dict[str, Any]:
     results = analyse(points, cfg)
     results["points"] = [
         {"label": lab, "params": float(n), "tokens": float(d), "loss": float(lo)}
         for lab, n, d, lo in zip(points.labels, points.N, points.D, points.L, strict=True)
     ]
-    results = _finite_or_none(results)
+    results = finite_or_none(results)  # null, not NaN, where a number is undefined (the plot reads it so too)
     write_json_atomic(run.path("results.json"), results)
     plot(points, results, run.partial("scaling_fit.png"))
     run.commit("scaling_fit.png")

@@ -41,5 +41,6 @@ def table_rows(results: dict[str, Any]) -> list[list[object]]:
     """Rows for the summary table: task, metric, protocol, value ± stderr, n."""
     out = []
     for r in results.get("results", []):
-        out.append([r["task"], r["metric"], r["protocol"], f"{r['value']:.4f}", f"{r['stderr']:.4f}", r["n"]])
+        value, se = (f"{x:.4f}" if x is not None else "n/a" for x in (r["value"], r["stderr"]))  # null: no item scored
+        out.append([r["task"], r["metric"], r["protocol"], value, se, r["n"]])
     return out

@@ -154,7 +154,11 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
                         console.print(f"[yellow]{r.task.name}: every item is contaminated; nothing left to score[/]")
             if r.task.items:
                 {"mc": _run_mc, "lambada": _run_lambada, "ppl": _run_ppl, "judge": _run_judge}[r.task.kind](cfg, model, tok, r, chat)
-            n_scored += len(r.rows)
+            scored = max((m.n for m in r.metrics), default=0)  # items some protocol scored (not the skipped)
+            if r.task.items and not scored:
+                why = ", ".join(f"{k} {v}" for k, v in r.task.skipped.items()) or "no usable item"
+                console.print(f"[yellow]warning:[/] {r.task.name}: no item could be scored ({why}); its metrics are null")
+            n_scored += scored
             write_items(stage.partial(f"items-{r.task.name}.jsonl"), r.rows)
             stage.commit(f"items-{r.task.name}.jsonl")
         seconds = time.perf_counter() - t0
