@@ -297,6 +297,10 @@ def test_bad_seeds_are_usage_errors(tmp_path, capsys):
     assert code == 2 and "empty" in err
     code, out_, err = cli(capsys, "crawl", "https://example.com/", "--out", tmp_path / "o", "--scope", "planet")
     assert code == 2 and "--scope" in err
+    for opt, value, msg in (("--delay", "-1", "--delay -1.0: must be ≥ 0"), ("--per-host", "0", "--per-host 0: must be ≥ 1"),
+                            ("--timeout", "0", "--timeout 0.0: must be > 0")):
+        code, out_, err = cli(capsys, "crawl", "https://example.com/", "--out", tmp_path / "o", opt, value)
+        assert code == 2 and msg in err, err
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError, match="--deny"):
         run(CrawlConfig(seeds=["https://example.com/"], out=tmp_path / "o", deny=["("]))

@@ -341,6 +341,7 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     typed = load_task(f"jsonl:{write_task(tmp_path / 't5', rows, template='{q} ({n:d})')}")
     assert typed.skipped == {"bad_field": 1} and len(typed.items) == len(QUESTIONS)
 
+
 def test_contamination_flags_and_decontaminate_scores_only_clean(models, tmp_path):
     run = models[0]
     spec = write_task(tmp_path / "t", qa_rows())
@@ -360,6 +361,13 @@ def test_contamination_flags_and_decontaminate_scores_only_clean(models, tmp_pat
     assert "qa/3" not in ids and len(ids) == 5
     with pytest.raises(UsageError, match="--decontaminate needs"):
         run_eval(EvalConfig(model=str(run), tasks=[f"jsonl:{spec}"], out=str(tmp_path / "o9"), decontaminate=True))
+    # a source that is not training data, or holds no text, is refused rather than reported clean
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for source, msg in ((run, "is a 'pretrain' artifact; give the training data"), (empty, "holds no text"),
+                        (spec, "not Parquet, .txt or .jsonl")):
+        with pytest.raises(UsageError, match=re.escape(msg)):
+            find_contaminated([x.text() for x in task.items], source, n=8)
 
 
 def test_contamination_against_a_tokens_artifact(models, tmp_path):

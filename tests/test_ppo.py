@@ -228,6 +228,8 @@ def test_cli_ppo_bad_input(yes_no, tmp_path, capsys, spm_model):
     assert code == 2 and "--rollout-batch 10 is not a multiple of the 4 replies" in err
     code, err = run("eval", yes_no["sft"], "--task", f"judge:{yes_no['prompts']}", "--out", tmp_path / "e")
     assert code == 2 and "a judge task needs --judge RUN" in err
+    code, err = run("eval", yes_no["sft"], "--task", f"ppl:{yes_no['prompts']}", "--judge", yes_no["rm"], "--out", tmp_path / "e")
+    assert code == 2 and "--judge applies to judge tasks" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--kl-estimator", "k2")
     assert code == 2 and "choose k1 or k3" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--temperature", "0")

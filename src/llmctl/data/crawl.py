@@ -155,16 +155,17 @@ def validate(cfg: CrawlConfig) -> None:
                 re.compile(p)
             except re.error as e:
                 raise UsageError(f"{opt} {p!r}: not a valid regular expression ({e})") from e
-    checks = [
-        ("--max-depth", cfg.max_depth >= 0), ("--max-pages", cfg.max_pages >= 0),
-        ("--max-bytes", cfg.max_bytes > 0), ("--delay", cfg.delay >= 0), ("--per-host", cfg.per_host >= 1),
-        ("--concurrency", cfg.concurrency >= 1), ("--timeout", cfg.timeout > 0), ("--retries", cfg.retries >= 0),
-        ("--backoff", cfg.backoff >= 0), ("--max-retry-after", cfg.max_retry_after >= 0),
-        ("--max-redirects", cfg.max_redirects >= 0), ("--warc-size-mb", cfg.warc_size_mb > 0),
+    # (option, value, smallest allowed, whether the bound itself is allowed)
+    bounds = [
+        ("--max-depth", cfg.max_depth, 0, True), ("--max-pages", cfg.max_pages, 0, True),
+        ("--max-bytes", cfg.max_bytes, 0, False), ("--delay", cfg.delay, 0, True), ("--per-host", cfg.per_host, 1, True),
+        ("--concurrency", cfg.concurrency, 1, True), ("--timeout", cfg.timeout, 0, False), ("--retries", cfg.retries, 0, True),
+        ("--backoff", cfg.backoff, 0, True), ("--max-retry-after", cfg.max_retry_after, 0, True),
+        ("--max-redirects", cfg.max_redirects, 0, True), ("--warc-size-mb", cfg.warc_size_mb, 0, False),
     ]
-    for name, ok in checks:
-        if not ok:
-            raise UsageError(f"{name}: out of range; see llmctl crawl --help")
+    for name, value, low, inclusive in bounds:
+        if value < low or (value == low and not inclusive):
+            raise UsageError(f"{name} {value}: must be {'≥' if inclusive else '>'} {low}")
     if not cfg.content_types:
         raise UsageError("--content-type: give at least one type to keep, e.g. text/html")
     if not cfg.user_agent.strip():

@@ -39,10 +39,34 @@ def iter_training_texts(path: Path) -> Iterator[str]:
     if not path.exists():
         raise UsageError(f"--contamination {path}: not found; give a docs or tokens artifact")
     stage = read_manifest(path).get("stage") if (path / "manifest.json").is_file() else None
+    if stage is not None and stage not in TEXT_STAGES:
+        raise UsageError(
+            f"--contamination {path}: is a '{stage}' artifact; give the training data: a docs or tokens artifact, "
+            "or Parquet, .txt or .jsonl files"
+        )
+    n = 0
+    for text in _texts(path, stage):
+        n += 1
+        yield text
+    if not n:
+        raise UsageError(f"--contamination {path}: holds no text to check against; give the training data")
+
+
+#: artifacts that hold training text: docs (extract, filter, dedup) and tokens
+TEXT_STAGES = ("extract", "filter", "filter-rejected", "dedup", "tokenize-encode")
+TEXT_SUFFIXES = (".parquet", ".txt", ".jsonl")
+
+
+def _texts(path: Path, stage: str | None) -> Iterator[str]:
     if stage == "tokenize-encode":
         yield from _token_texts(path)
         return
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".txt", ".jsonl")) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    elif path.suffix in TEXT_SUFFIXES:
+        files = [path]
+    else:
+        raise UsageError(f"--contamination {path}: not Parquet, .txt or .jsonl; give the training data in one of those")
     if not files:
         raise UsageError(f"--contamination {path}: no Parquet, .txt or .jsonl files in it")
     import json

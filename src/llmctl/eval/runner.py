@@ -74,6 +74,8 @@ def _check(cfg: EvalConfig) -> None:
     kinds = [parse_task_spec(t)[0] for t in cfg.tasks]
     if "judge" in kinds and not cfg.judge:
         raise UsageError("a judge task needs --judge RUN (an llmctl reward run, or a chat model to ask)")
+    if cfg.judge and "judge" not in kinds:
+        raise UsageError("--judge applies to judge tasks; add --task judge:FILE.jsonl or drop --judge")
     if cfg.judge and not Path(cfg.judge).exists():
         raise UsageError(f"--judge {cfg.judge}: not found; give an llmctl reward run, chat run or transformers directory")
     if cfg.reply_tokens < 1:

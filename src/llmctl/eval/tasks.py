@@ -250,7 +250,7 @@ def _add_doc(task: Task, doc_id: str, text: Any) -> None:
 
 
 # -- generic JSONL spec --------------------------------------------------------------------------
-SPEC_KEYS = {"name", "data", "template", "choices", "gold", "gold_kind", "delimiter", "description", "choice_template"}
+SPEC_KEYS = {"name", "data", "template", "choices", "gold", "gold_kind", "delimiter", "description"}
 
 
 def _check_template(path: Path, template: object) -> None:
