@@ -277,6 +277,12 @@ def test_cli_train_encode_stats_and_bad_input(corpus, tok_dir, tmp_path, llmctl)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
     with pytest.raises(UsageError, match="no such tokenizer"):
         tk.encode(EncodeConfig(docs=[str(bad)], tokenizer=str(tmp_path / "nope"), out=str(tmp_path / "y")))
+    # an empty train split says which option emptied it
+    for kw, msg in (({"val": [str(bad)]}, "documents are also in --val"),
+                    ({"text_field": "body", "val_fraction": 0.0}, "records have no 'body' field; set --text-field")):
+        with pytest.raises(UsageError, match=re.escape(msg)):
+            tk.encode(EncodeConfig(docs=[str(bad)], tokenizer=str(tmp_path / "tok"), out=str(tmp_path / "y"), **kw))
+        assert not (tmp_path / "y").exists()
     with pytest.raises(UsageError, match="--domain-weights"):
         tk.parse_domain_weights("web=x")
     assert tk.parse_domain_weights("web=1, code=2.5") == {"web": 1.0, "code": 2.5}

@@ -557,6 +557,19 @@ class EncodeConfig:
     seed: int = 0
 
 
+def _why_no_train(cfg: EncodeConfig, bad: dict[str, int], in_val: int) -> str:
+    """The likely cause of an empty train split, naming the option to change."""
+    if in_val:
+        return f"all {in_val:,} documents are also in --val; give --val other documents"
+    missing = bad.get(f"no_{cfg.text_field}_field", 0)
+    if missing:
+        return f"{missing:,} records have no '{cfg.text_field}' field; set --text-field to the field holding the text"
+    if cfg.domain_weights and all(w == 0 for w in cfg.domain_weights.values()):
+        return "--domain-weights gives every listed domain weight 0; keep a weight > 0"
+    skipped = ", ".join(f"{k} {v:,}" for k, v in bad.items())
+    return f"skipped: {skipped}; check the inputs" if skipped else "check the inputs"
+
+
 def parse_domain_weights(spec: str | None) -> dict[str, float]:
     """'web=1,code=2.5' → {'web': 1.0, 'code': 2.5}."""
     out: dict[str, float] = {}
@@ -815,7 +828,7 @@ def encode(cfg: EncodeConfig, force: bool = False) -> dict[str, Any]:
 
     if totals["train"]["tokens"] == 0:
         run.abandon()
-        raise UsageError(f"{', '.join(cfg.docs)}: no documents to encode into the train split; check the inputs")
+        raise UsageError(f"{', '.join(cfg.docs)}: no documents to encode into the train split ({_why_no_train(cfg, bad, excluded['n'])})")
     files = {s: _write_shards(run, s, block_stats, dtype, cfg.shard_tokens) for s in ("train", "val")}
     shutil.rmtree(run.work / "parts", ignore_errors=True)
 
