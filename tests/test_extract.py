@@ -246,7 +246,8 @@ def test_shared_warcs(shared_data, tmp_path, llmctl):
         "truncated-record.warc.gz": (1, 0, {"truncated": 1}, {"response": 1}),
         "warcio-example.warc.gz": (1, 1, {}, {"warcinfo": 2, "response": 1, "request": 2, "revisit": 1}),
         "warcio-example-bad-non-chunked.warc.gz": (1, 1, {}, {"warcinfo": 2, "response": 1, "request": 2, "revisit": 1}),
-        "warcio-example-trunc.warc": (1, 1, {}, {"warcinfo": 2, "response": 1, "request": 1}),
+        # a whole WARC record whose HTTP body is 2 bytes short of its Content-Length (606): cut in transfer
+        "warcio-example-trunc.warc": (1, 0, {"truncated": 1}, {"warcinfo": 2, "response": 1, "request": 1}),
         "warcio-example-digest.warc": (0, 0, {}, {"request": 4}),
         "warcio-example-wget-bad-target-uri.warc.gz": (
             1, 1, {}, {"warcinfo": 1, "request": 1, "response": 1, "metadata": 1, "resource": 2}),
@@ -257,14 +258,14 @@ def test_shared_warcs(shared_data, tmp_path, llmctl):
             responses, docs, dropped, types), name
         assert pf[name]["problems"] == {}, name
     assert pf["warcio-example-wget-bad-target-uri.warc.gz"]["uri_fixed"] == 5
-    assert m["stats"]["docs"] == 19
+    assert m["stats"]["docs"] == 18
     table = read_docs(out)
     rows = table.to_pylist()
-    assert len(rows) == 19
+    assert len(rows) == 18
     assert table.column_names[:4] == ["id", "url", "text", "timestamp"]
     urls = [d["url"] for d in rows]
     assert not any(u.startswith("<") for u in urls)
-    assert urls.count("http://example.com/") == 4
+    assert urls.count("http://example.com/") == 3  # the warcio examples, less the one cut in transfer
     cc = {d["url"]: d for d in rows if d["warc_file"] == "cc-sample.warc.gz"}
     assert "http://096355.com/video/11073.html?11073-0-2" not in cc  # trafilatura finds no main text
     ru = cc["http://01spb.ru/company/"]

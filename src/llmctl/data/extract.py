@@ -547,6 +547,8 @@ def _payload_of(rec: Record, max_bytes: int) -> tuple[str | None, dict[str, Any]
     http = parse_http_response(rec.block)
     if http is None:
         return "not_http", None
+    if http.short():  # the WARC record is whole but the HTTP body it holds was cut in transfer
+        return "truncated", None
     if len(http.body) > max_bytes:
         return "too_large", None
     if http.status != 200:

@@ -549,6 +549,13 @@ class HttpResponse:
     body: bytes
     body_offset: int
 
+    def short(self) -> bool:
+        """True when the body holds fewer bytes than its Content-Length declares (a transfer cut
+        short; a chunked body carries no such length)."""
+        declared = self.headers.get("content-length", "").strip()
+        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        return declared.isdigit() and not chunked and len(self.body) < int(declared)
+
 
 def parse_http_response(block: bytes) -> HttpResponse | None:
     """Split an archived HTTP response into status, headers and body; None if it is not one."""
