@@ -48,6 +48,7 @@ def test_interrupted_run_resumes_committed_shards_only(tmp_path):
     # other params: refused, naming the option, so the interrupted progress is not thrown away unasked
     with pytest.raises(UsageError, match=r"an interrupted demo run with other options \(--a\) is in .*pass --force"):
         _run(out, {"a": 9})
+    assert not (tmp_path / ".art.lock").exists()  # the refused run leaves no lock file behind
     assert _run(out, {"a": 1}).has("s0")
     fresh = StageRun.open(out, "demo", {"a": 9}, (), force=True)  # --force: start over
     assert not fresh.resumed and not fresh.has("s0")

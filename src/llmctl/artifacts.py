@@ -274,6 +274,7 @@ class StageRun:
                 run.resumed = True
             elif state.get("params_fingerprint") and not force:
                 # an interrupted run with other options or inputs: its progress is not thrown away unasked
+                _unlock(out)
                 raise UsageError(
                     f"{out}: an interrupted {stage} run with other {_changed(state, params, records)} is in {work}; "
                     "rerun with its options to resume it, or pass --force to discard it and start over"
