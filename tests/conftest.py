@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,21 @@ def cli(*args: str | os.PathLike) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def one_process_and_two_ranks(args: list, root: Path) -> tuple[dict, dict]:
+    """Run the CLI command ``args`` in this process into ``root/one`` and under torchrun with 2
+    gloo ranks into ``root/two``; returns the two manifests' stats (for same-global-batch checks)."""
+    assert cli(*args, "--out", root / "one") == 0
+    p = torchrun_llmctl(*args, "--out", root / "two")
+    assert p.code == 0, p.err[-3000:]
+    s1, s2 = (json.loads((root / r / "manifest.json").read_text())["stats"] for r in ("one", "two"))
+    return s1, s2
+
+
+def train_losses(run: Path) -> list[float]:
+    """The logged training losses of a run, in step order."""
+    return [r["loss"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, torchrun_llmctl
+from conftest import cli, one_process_and_two_ranks, train_losses
 from modelkit import make_run
 
 from llmctl.errors import UsageError
@@ -140,12 +140,9 @@ def test_reward_under_torchrun_matches_one_process_at_the_same_global_batch(base
     hh = shared_data / "preference" / "hh-rlhf-harmless-test.jsonl.gz"
     common = ["reward", base_run, hh, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2", "--global-batch", "8",
               "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
-    assert cli(*common, "--out", tmp_path / "one") == 0
-    p = torchrun_llmctl(*common, "--out", tmp_path / "two")
-    assert p.code == 0, p.err[-3000:]
-    s1, s2 = (json.loads((tmp_path / r / "manifest.json").read_text())["stats"] for r in ("one", "two"))
+    s1, s2 = one_process_and_two_ranks(common, tmp_path)
     assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
-    a, b = ([r["loss"] for r in _metrics(tmp_path / r) if "loss" in r] for r in ("one", "two"))
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(a) == 4 and b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert a[-1] != a[0]
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, torchrun_llmctl
+from conftest import cli, one_process_and_two_ranks, train_losses
 from modelkit import make_run
 
 from llmctl.chat import (
@@ -327,17 +327,9 @@ def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_ru
     data = shared_data / "sft" / "code-alpaca-2k.json"
     common = ["sft", base_run, data, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2", "--global-batch", "8",
               "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
-    assert cli(*common, "--out", tmp_path / "one") == 0
-    p = torchrun_llmctl(*common, "--out", tmp_path / "two")
-    assert p.code == 0, p.err[-3000:]
-    s1 = json.loads((tmp_path / "one" / "manifest.json").read_text())["stats"]
-    s2 = json.loads((tmp_path / "two" / "manifest.json").read_text())["stats"]
+    s1, s2 = one_process_and_two_ranks(common, tmp_path)
     assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
-
-    def losses(run: Path) -> list[float]:
-        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(a) == len(b) == 4
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)

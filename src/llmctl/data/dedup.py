@@ -126,7 +126,7 @@ def _check_rejected_dir(rej: Path, out: Path, inputs: list[Path]) -> None:
         raise UsageError("--keep-rejected must be a different directory from --out")
     for p in inputs:
         home = p.resolve() if p.is_dir() else p.resolve().parent
-        if r == home or r.is_relative_to(home) or home.is_relative_to(r):
+        if r.is_relative_to(home) or home.is_relative_to(r):  # either inside the other (or the same)
             raise UsageError(f"--keep-rejected {rej}: overlaps the input {p}; choose a separate directory")
     if r.is_dir():
         if (r / MANIFEST).is_file():

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import read_manifest
+from ..data.docs import DOC_STAGES
 from ..errors import UsageError
+from ..tokenizer import ENCODE_STAGE
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -52,13 +54,13 @@ def iter_training_texts(path: Path) -> Iterator[str]:
         raise UsageError(f"--contamination {path}: holds no text to check against; give the training data")
 
 
-#: artifacts that hold training text: docs (extract, filter, dedup) and tokens
-TEXT_STAGES = ("extract", "filter", "filter-rejected", "dedup", "tokenize-encode")
+#: artifacts that hold training text: docs (and filter's rejected docs) and tokens
+TEXT_STAGES = (*DOC_STAGES, "filter-rejected", ENCODE_STAGE)
 TEXT_SUFFIXES = (".parquet", ".txt", ".jsonl")
 
 
 def _texts(path: Path, stage: str | None) -> Iterator[str]:
-    if stage == "tokenize-encode":
+    if stage == ENCODE_STAGE:
         yield from _token_texts(path)
         return
     if path.is_dir():
