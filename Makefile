@@ -40,7 +40,7 @@ bench-peers: setup
 	$(PY) scripts/bench_dedup.py
 	$(PY) scripts/bench_eval.py
 	$(PY) scripts/bench_pretrain.py
-	$(PY) scripts/bench_reward.py
+	$(PY) scripts/bench_posttrain.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

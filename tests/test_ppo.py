@@ -240,6 +240,8 @@ def test_cli_ppo_bad_input(yes_no, tmp_path, capsys, spm_model):
     assert code == 2 and "no-such-rm" in err and "tokenizer" not in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--clip", "0")
     assert code == 2 and "--clip 0.0: the policy ratio's clip range must be > 0" in err
+    code, err = run("ppo", *base, "--reward", yes_no["rm"], "--fsdp")
+    assert code == 2 and "--fsdp: ppo samples its rollouts from the policy" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--lr", "-1")
     assert code == 2 and "--lr -1.0: the learning rate must be > 0" in err and "Traceback" not in err
     # a reward model that reads other token ids

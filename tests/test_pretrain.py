@@ -203,6 +203,66 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
 
 
+def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path):
+    """--fsdp under torchrun (weights, grads and AdamW state sharded over 2 gloo ranks, accumulation
+    with the reduce-scatter on the last micro-batch only) trains as one process does at the same
+    global batch; its checkpoints hold whole state dicts, and a run killed -9 resumes exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmctl.train.pretrain import run
+
+    # a context at which the final eval gives the two ranks unequal numbers of val batches (of 4
+    # windows), so lockstep has to keep them together (a bare loop would hang in an all-gather)
+    val_targets = json.loads((data["tokens"] / "manifest.json").read_text())["splits"]["val"]["tokens"] - 1
+    def batches(n_windows: int, rank: int) -> int:
+        return -(-((n_windows + 1 - rank) // 2) // 4)
+    T = next(t for t in (20, 24, 28, 36, 40) if batches(-(-val_targets // t), 0) != batches(-(-val_targets // t), 1))
+    one = tmp_path / "one"
+    run(_cfg(data["tokens"], one, seq_len=T, max_steps=8, log_every=1, global_batch_tokens=16 * T, eval_every=4,
+             eval_batches=3, checkpoint_every=3))
+    tiny = [str(T) if TINY[i - 1] == "--seq-len" else a for i, a in enumerate(TINY)]
+    common = ["pretrain", data["tokens"], *tiny, "--max-steps", "8", "--log-every", "1", "--global-batch-tokens", 16 * T,
+              "--eval-every", "4", "--eval-batches", "3", "--checkpoint-every", "3", "--fsdp"]
+    two = tmp_path / "two"
+    p = torchrun_llmctl(*common, "--out", two)
+    assert p.code == 0, p.err[-3000:]
+    s1 = json.loads((one / "manifest.json").read_text())["stats"]
+    s2 = json.loads((two / "manifest.json").read_text())["stats"]
+    assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
+    assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert w1.keys() == w2.keys()  # whole tensors, gathered from the shards, under the same names
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+    # kill -9 of the whole torchrun group after the step-3 checkpoint, then the same command again
+    killed = tmp_path / "killed"
+    work = tmp_path / ".killed.tmp-pretrain"
+    env = {**os.environ, **ENV}
+    port = str(29600 + os.getpid() % 300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m", "llmctl",
+           *map(str, common), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (work / "checkpoints" / "step-0000003").is_dir():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    # the launcher and both ranks (torchrun starts its workers in sessions of their own)
+    subprocess.run(["pkill", "-KILL", "-f", str(killed)], check=False)
+    proc.wait(timeout=60)
+    assert not killed.exists(), "the run finished before it was killed"
+    saved = torch.load(work / "checkpoints" / "step-0000003" / "optimizer.pt", weights_only=True)
+    assert saved["layout"] == "fqn" and "layers.0.mlp.up_proj.weight" in str(list(saved["optimizers"][0]["state"]))
+    p = torchrun_llmctl(*common, "--out", killed)
+    assert p.code == 0, p.err[-3000:]
+    assert "resumed from checkpoint step" in p.err + p.out
+    assert _losses(killed) == b  # the uninterrupted --fsdp run's curve, bit for bit
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path):
     from llmctl.errors import StageError
     from llmctl.train.pretrain import run
@@ -236,7 +296,8 @@ def test_bad_inputs_are_refused_with_one_line(data, tmp_path):
     for kw, msg in (({"lr": -1.0}, "--lr -1.0: the learning rate must be > 0"), ({"beta1": 2.0}, "--beta1 2.0: Adam's betas"),
                     ({"min_lr_ratio": 5.0}, "--min-lr-ratio 5.0"), ({"decay_fraction": 3.0}, "--decay-fraction 3.0"),
                     ({"warmup_steps": -5}, "--warmup-steps -5"), ({"weight_decay": -1.0}, "--weight-decay -1.0"),
-                    ({"grad_clip": -1.0}, "--grad-clip -1.0"), ({"schedule": "linear"}, "--schedule 'linear'")):
+                    ({"grad_clip": -1.0}, "--grad-clip -1.0"), ({"schedule": "linear"}, "--schedule 'linear'"),
+                    ({"fsdp": True, "optimizer": "muon"}, "--fsdp with --optimizer muon: Muon orthogonalises whole matrices")):
         with pytest.raises(UsageError, match=re.escape(msg)):
             run(_cfg(data["tokens"], tmp_path / "h", max_steps=1, **kw))
         assert not (tmp_path / "h").exists() and not (tmp_path / ".h.tmp-pretrain").exists()

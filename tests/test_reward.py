@@ -134,12 +134,16 @@ def test_cli_reward_bad_input(base_run, tmp_path, capsys):
         load_reward_model(base_run)
 
 
-def test_reward_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_reward_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread, parallel):
     """Two gloo ranks, 2 pairs per micro-batch each, against one process accumulating the same 8
-    pairs per step: the same pairs in the same steps, the score head's gradients averaged."""
+    pairs per step: the same pairs in the same steps, the score head's gradients averaged. Under
+    --fsdp the backbone is sharded and the head stays whole (its own optimizer group, its
+    gradients all-reduced, clipped with the shards by one global norm); one process ignores it."""
     hh = shared_data / "preference" / "hh-rlhf-harmless-test.jsonl.gz"
     common = ["reward", base_run, hh, "--max-steps", "4", "--log-every", "1", "--micro-batch", "2", "--global-batch", "8",
-              "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu"]
+              "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu",
+              *(["--fsdp"] if parallel == "fsdp" else [])]
     s1, s2 = one_process_and_two_ranks(common, tmp_path)
     assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")

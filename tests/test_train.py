@@ -167,7 +167,8 @@ def test_mixed_precision_keeps_fp32_master_weights(precision):
 
 
 def _save(root, step, m, opt):
-    return ckpt.save_checkpoint(root, step, module=m, optimizers=[opt], scaler=None, data_state={"step": step},
+    return ckpt.save_checkpoint(root, step, model_state=m.state_dict(), optimizer_states=[opt.state_dict()],
+                                optimizer_layout="index", scaler_state=None, data_state={"step": step},
                                 trainer_state={"tokens": step * 10, "elapsed": 1.0}, rng_states=[ckpt.rng_state()],
                                 keep=2)
 
@@ -193,9 +194,10 @@ def test_interrupted_checkpoint_write_never_corrupts_the_previous_one(tmp_path, 
     assert (root / ".step-0000002.tmp").is_dir()  # the half-written one, invisible to readers
     ckpt.clean_stale(root)
     assert not (root / ".step-0000002.tmp").exists()
-    state, data = ckpt.load_checkpoint(root / "step-0000001", module=m, optimizers=[opt], scaler=None)
-    assert state["step"] == 1 and data == {"step": 1}
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    c = ckpt.load_checkpoint(root / "step-0000001")
+    assert c.trainer_state["step"] == 1 and c.data_state == {"step": 1} and c.optimizer_layout == "index"
+    assert c.model_state.keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in c.model_state.items())
     # keep last K
     for s in (2, 3, 4):
         _save(root, s, m, opt)
@@ -211,14 +213,14 @@ def test_rng_state_round_trips_and_newer_checkpoint_format_is_refused(tmp_path):
     (opt,) = build_optimizers(m.named_parameters(), lr=1e-2)
     d = _save(tmp_path, 5, m, opt)
     a = (random.random(), float(np.random.rand()), torch.rand(3))
-    ckpt.load_checkpoint(d, module=m, optimizers=[opt], scaler=None)
+    ckpt.load_checkpoint(d)
     b = (random.random(), float(np.random.rand()), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
     st = json.loads((d / "trainer_state.json").read_text())
     st["format"] = 99
     (d / "trainer_state.json").write_text(json.dumps(st))
     with pytest.raises(UsageError, match="newer llmctl"):
-        ckpt.load_checkpoint(d, module=m, optimizers=[opt], scaler=None)
+        ckpt.load_checkpoint(d)
 
 
 def test_memory_estimate_counts_adam_states_and_refuses_what_does_not_fit():
@@ -228,6 +230,12 @@ def test_memory_estimate_counts_adam_states_and_refuses_what_does_not_fit():
     assert est["weights"] == 4 * p and est["optimizer"] == 8 * p and est["activations"] > 8 * 1024 * 32000 * 4
     muon = estimate_train_memory(cfg, micro_batch=8, seq_len=1024, optimizer="muon")
     assert muon["optimizer"] < est["optimizer"]
+    # --fsdp over 8 ranks: an eighth of the state per rank, plus two gathered blocks and the embeddings
+    fsdp = estimate_train_memory(cfg, micro_batch=8, seq_len=1024, shards=8)
+    gathered = 2 * 4 * cfg.params_per_layer() + 4 * cfg.vocab_size * cfg.d_model
+    assert fsdp["optimizer"] == est["optimizer"] // 8 and fsdp["weights"] == 4 * p // 8 + gathered
+    assert fsdp["activations"] == est["activations"]  # each rank still runs its own micro-batch
+    assert fsdp["total"] == sum(fsdp[k] for k in ("weights", "grads", "optimizer", "activations")) < est["total"]
     check_memory(est, available=10 * est["total"])
     with pytest.raises(UsageError, match="GiB to train"):
         check_memory(est, available=est["total"] // 2)

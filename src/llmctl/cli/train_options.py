@@ -30,6 +30,7 @@ WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Decoupled
 GradClipOpt = Annotated[float, typer.Option("--grad-clip", help="Clip the global gradient norm (0 = off).", rich_help_panel=OPT)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, bf16, fp16 or fp32 (fp32 master weights always).", rich_help_panel=OPT)]
 CompileOpt = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=OPT)]
+FsdpOpt = Annotated[bool, typer.Option("--fsdp/--no-fsdp", help="Under torchrun, shard the weights, gradients and optimizer state over the ranks (FSDP2, one unit per transformer block) instead of a whole copy on each (DDP): for models whose training state does not fit one device. AdamW only; no effect in one process.", rich_help_panel=OPT)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=OPT)]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Stop after this many training tokens (0 = no limit).", rich_help_panel=STOP)]
 TimeBudgetOpt = Annotated[float, typer.Option("--time-budget", help="Stop training after SECONDS of wall clock, then score the full val split (0 = no limit).", rich_help_panel=STOP)]
@@ -58,7 +59,7 @@ def finetune_options(epoch_unit: str, *, lr: float, epochs: float = 1.0) -> Call
         ("val", ValOpt, None), ("val_fraction", ValFractionOpt, 0.05),
         ("lr", LrOpt, lr), ("min_lr_ratio", MinLrOpt, 0.0), ("schedule", ScheduleOpt, "cosine"),
         ("warmup_steps", WarmupOpt, 10), ("weight_decay", WeightDecayOpt, 0.0), ("grad_clip", GradClipOpt, 1.0),
-        ("precision", PrecisionOpt, "auto"), ("compile", CompileOpt, False), ("device", DeviceOpt, "auto"),
+        ("precision", PrecisionOpt, "auto"), ("compile", CompileOpt, False), ("fsdp", FsdpOpt, False), ("device", DeviceOpt, "auto"),
         ("epochs", EpochsOpt, epochs), ("max_steps", FinetuneMaxStepsOpt, 0), ("max_tokens", MaxTokensOpt, 0),
         ("time_budget", TimeBudgetOpt, 0.0), ("log_every", LogEveryOpt, 10), ("eval_every", EvalEveryOpt, 0),
         ("checkpoint_every", CheckpointEveryOpt, 0), ("keep_checkpoints", KeepCheckpointsOpt, 3),

@@ -26,9 +26,14 @@ RUN_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 
 
 def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a module's weights atomically (see ``save_state``)."""
+    save_state(module.state_dict(), path, metadata)
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict atomically (temp file + rename); contiguous CPU copies, no shared storage."""
     path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)

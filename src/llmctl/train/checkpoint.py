@@ -16,15 +16,17 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from ..artifacts import write_json_atomic
 from ..errors import UsageError
-from ..model.io import load_weights, save_weights
+from ..model.io import save_state
 
 CHECKPOINT_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
@@ -85,15 +87,20 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    module: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler | None,
+    model_state: dict[str, torch.Tensor],
+    optimizer_states: list[dict[str, Any]],
+    optimizer_layout: str,
+    scaler_state: dict[str, Any] | None,
     data_state: dict[str, Any],
     trainer_state: dict[str, Any],
     rng_states: list[dict[str, Any]],
     keep: int = 3,
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones; return its directory."""
+    """Write one checkpoint atomically and prune old ones; return its directory.
+
+    ``model_state`` is the full (unsharded) state dict; ``optimizer_layout`` says how the optimizer
+    states key their parameters: ``"index"`` (``Optimizer.state_dict()``) or ``"fqn"`` (parameter
+    names, torch.distributed.checkpoint's full state dict, as written under --fsdp)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -101,9 +108,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(module, tmp / "model.safetensors")
+    save_state(model_state, tmp / "model.safetensors")
     torch.save(
-        {"optimizers": [o.state_dict() for o in optimizers], "scaler": scaler.state_dict() if scaler else None},
+        {"optimizers": optimizer_states, "layout": optimizer_layout, "scaler": scaler_state},
         tmp / "optimizer.pt",
     )
     torch.save({"ranks": rng_states}, tmp / "rng.pt")
@@ -124,26 +131,31 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(
-    ckpt: Path,
-    *,
-    module: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler | None,
-    rank: int = 0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore weights, optimizer, scaler and RNG in place; return (trainer_state, data_state)."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read back (the RNG states are restored by ``load_checkpoint``)."""
+
+    trainer_state: dict[str, Any]
+    data_state: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer_states: list[dict[str, Any]]
+    optimizer_layout: str
+    scaler_state: dict[str, Any] | None
+
+
+def load_checkpoint(ckpt: Path, *, rank: int = 0) -> Checkpoint:
+    """Read a checkpoint and restore this rank's RNG states; the caller loads the weights and
+    optimizer states into its (possibly sharded) model."""
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
-    load_weights(module, ckpt / "model.safetensors")
     opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-    if len(opt["optimizers"]) != len(optimizers):
-        raise UsageError(f"{ckpt}: checkpoint has {len(opt['optimizers'])} optimizers, this run {len(optimizers)}")
-    for o, s in zip(optimizers, opt["optimizers"], strict=True):
-        o.load_state_dict(s)
-    if scaler is not None and opt.get("scaler"):
-        scaler.load_state_dict(opt["scaler"])
     rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["ranks"]
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-    data_state = json.loads((ckpt / "data.json").read_text(encoding="utf-8"))
-    return state, data_state
+    return Checkpoint(
+        trainer_state=state,
+        data_state=json.loads((ckpt / "data.json").read_text(encoding="utf-8")),
+        model_state=load_file(str(ckpt / "model.safetensors")),
+        optimizer_states=opt["optimizers"],
+        optimizer_layout=opt.get("layout", "index"),  # checkpoints before --fsdp keyed by index
+        scaler_state=opt.get("scaler"),
+    )

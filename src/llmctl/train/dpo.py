@@ -140,7 +140,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         cfg.steps_from_epochs(len(train), global_pairs)
         # two rows per pair, and a second (frozen, gradient-free) copy of the weights
         check_fits(cfg, mcfg, device, 2 * cfg.micro_batch, f"the policy and its reference ({mcfg.total_params():,} parameters each)",
-                   frozen_params=mcfg.total_params())
+                   frozen_params=mcfg.total_params(), world=world)
         objective = DPOObjective(train, val, cfg, tok.pad_id, global_pairs)
         return fit_and_publish(
             cfg, STAGE, dist_ctx, mcfg, tok_path, objective, accum=accum,

@@ -27,7 +27,7 @@ from ..artifacts import (
 from ..console import console
 from ..errors import UsageError
 from ..model.config import ModelConfig
-from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_weights
+from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_state
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer
 from .distributed import DistContext, open_run
@@ -242,10 +242,13 @@ def write_config(work: Path, mcfg: ModelConfig, params: dict[str, Any], base: Pa
     write_json_atomic(work / CONFIG, {"model": mcfg.to_dict(), "train": params, "base": str(Path(base).resolve())})
 
 
-def check_fits(cfg: FinetuneConfig, mcfg: ModelConfig, device: torch.device, rows: int, what: str, frozen_params: int = 0) -> None:
+def check_fits(cfg: FinetuneConfig, mcfg: ModelConfig, device: torch.device, rows: int, what: str, frozen_params: int = 0,
+               world: int = 1) -> None:
     """Refuse before allocating when training ``rows`` rows of ``seq_len`` per micro-batch, plus
-    frozen fp32 copies of ``frozen_params`` parameters (a reference, a reward model), does not fit."""
-    est = estimate_train_memory(mcfg, rows, int(cfg.seq_len), cfg.optimizer, resolve_precision(cfg.precision, device))
+    frozen fp32 copies of ``frozen_params`` parameters (a reference, a reward model), does not fit
+    (with --fsdp the trained state is shared by the ``world`` ranks)."""
+    est = estimate_train_memory(mcfg, rows, int(cfg.seq_len), cfg.optimizer, resolve_precision(cfg.precision, device),
+                                shards=world if cfg.fsdp else 1)
     est["total"] += 4 * frozen_params
     check_memory(est, available_memory(device), what)
 
@@ -288,6 +291,7 @@ def fit_and_publish(
     if before_fit is not None:
         before_fit(trainer)
     result = trainer.fit()
+    weights = trainer.model_state()  # under --fsdp every rank takes part in gathering them
     if stage is None:
         return {}
     final = result.pop("final_eval") or {}
@@ -295,13 +299,14 @@ def fit_and_publish(
         extra_files(work)
     own = stats(result, final)
     return publish(
-        stage, model, tok_path, {**own, "accum_steps": accum, "world_size": dist_ctx.world_size, **result}, cfg.request,
+        stage, weights, tok_path, {**own, "accum_steps": accum, "world_size": dist_ctx.world_size, **result}, cfg.request,
     )
 
 
-def publish(run: StageRun, model: Transformer, tok_path: Path, stats: dict[str, Any], request: str = "") -> dict[str, Any]:
-    """Write the final weights and the tokenizer into the run and finish it; returns the manifest."""
-    save_weights(model, run.work / WEIGHTS)
+def publish(run: StageRun, weights: dict[str, torch.Tensor], tok_path: Path, stats: dict[str, Any], request: str = "") -> dict[str, Any]:
+    """Write the final weights (a whole state dict) and the tokenizer into the run and finish it;
+    returns the manifest."""
+    save_state(weights, run.work / WEIGHTS)
     shutil.copyfile(tok_path, run.work / TOKENIZER)
     assert (run.work / METRICS).is_file() and (run.work / PLOT).is_file()
     return run.finish(stats, **({"request_fingerprint": request} if request else {}))

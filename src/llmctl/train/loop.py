@@ -22,7 +22,9 @@ An objective is an object with these methods (``Objective`` below is the base cl
     extra modules. Runs under autocast; compute the loss itself in fp32.
 ``evaluate(model, modules, full) -> dict[str, float]``
     Optional evaluation under ``torch.no_grad`` in eval mode, on every rank (sum across ranks with
-    ``ctx.dist.all_reduce_sum``). ``full=False`` for the periodic pass (may subsample), ``True`` for
+    ``ctx.dist.all_reduce_sum``). Iterate this rank's val batches through ``ctx.lockstep(...)``:
+    under --fsdp every forward is a collective, so ranks with fewer batches must keep step with
+    the others (lockstep runs their idle forwards). ``full=False`` for the periodic pass (may subsample), ``True`` for
     the final pass. Default: nothing.
 ``on_progress(step, progress)``
     Called before every optimizer step with the run's progress in [0, 1] (e.g. to switch to an
@@ -31,7 +33,8 @@ An objective is an object with these methods (``Objective`` below is the base cl
     The data position, saved in every checkpoint (JSON), so a resumed run sees the same batches.
 
 The trainer owns the rest: fp32 master weights with bf16/fp16 autocast (GradScaler for fp16),
-torch.compile, DDP (gradient all-reduce only on the last micro-batch), gradient accumulation,
+torch.compile, DDP (gradient all-reduce only on the last micro-batch) or FSDP (``--fsdp``: weights,
+gradients and optimizer state sharded over the ranks, one unit per block), gradient accumulation,
 clipping, AdamW or Muon+AdamW, the warmup+cosine/WSD schedule, stop at ``max_steps``/``max_tokens``/
 ``time_budget``, NaN/inf detection, periodic eval, atomic checkpoints with exact resume,
 ``metrics.jsonl`` and ``loss.png``. ``Trainer.fit()`` returns the run's statistics.
@@ -50,9 +53,10 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -71,6 +75,8 @@ from .precision import (
     resolve_precision,
 )
 from .schedule import SCHEDULES, lr_factor
+
+T = TypeVar("T")
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -100,6 +106,7 @@ class LoopConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of DDP
     eval_every: int = 0  # optimizer steps; 0 = only the final eval
     checkpoint_every: int = 0  # optimizer steps; 0 = only the final checkpoint
     keep_checkpoints: int = 3
@@ -127,6 +134,9 @@ class LoopConfig:
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: keep at least 1 (resume reads the last)")
         need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        need(not (self.fsdp and self.optimizer == "muon"),
+             "--fsdp with --optimizer muon: Muon orthogonalises whole matrices, which FSDP splits over the ranks; "
+             "use --optimizer adamw with --fsdp, or Muon without --fsdp (DDP)")
 
     def loop_config(self) -> LoopConfig:
         """Just the loop's options (a stage's config subclasses this one and adds its own)."""
@@ -141,8 +151,32 @@ class TrainContext:
     accum_steps: int
     config: LoopConfig
     #: the plain model on the device (not compiled, not DDP-wrapped): for frozen reference copies
-    #: and sampling; the differentiable forward goes through the ``model`` given to ``loss``
+    #: and sampling; the differentiable forward goes through the ``model`` given to ``loss``.
+    #: Under --fsdp it is sharded in place after ``setup`` (copies made in ``setup`` stay whole).
     model: nn.Module
+    sharded: bool = False  # --fsdp under torchrun: every forward of ``model`` is a collective
+
+    def lockstep(self, batches: Iterable[T]) -> Iterator[T]:
+        """This rank's ``batches``; under --fsdp, once they run out while another rank still has
+        some, an idle forward of one token per remaining batch of the others, so every rank joins
+        the same number of all-gathers (a bare loop would hang). Cap the batches before, not by
+        breaking out of the loop (``itertools.islice``)."""
+        if not self.sharded:
+            yield from batches
+            return
+        it = iter(batches)
+        idle = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        while True:
+            b = next(it, None)
+            more = torch.tensor([0.0 if b is None else 1.0], device=self.device)
+            self.dist.all_reduce_max(more)
+            if not more.item():
+                return
+            if b is None:
+                with torch.no_grad():
+                    self.model(idle)
+            else:
+                yield b
 
 
 class Objective(ABC):
@@ -184,9 +218,13 @@ class Objective(ABC):
 
 
 def estimate_train_memory(
-    model_cfg: Any, micro_batch: int, seq_len: int, optimizer: str = "adamw", precision: str = "fp32"
+    model_cfg: Any, micro_batch: int, seq_len: int, optimizer: str = "adamw", precision: str = "fp32", shards: int = 1
 ) -> dict[str, int]:
     """Bytes needed to train: fp32 weights + grads + optimizer states + activations of one micro-batch.
+
+    With ``shards`` > 1 (--fsdp over that many ranks) each rank holds 1/shards of the weights,
+    grads and optimizer states, plus the gathered weights and grads of two blocks at a time (the
+    one computing and the one prefetched) and the always-gathered embeddings.
 
     Activations per token per layer are counted as saved tensors of the attention and SwiGLU
     blocks (≈ 16·d + 4·ffn values, plus ``n_head·T`` attention weights when SDPA falls back to the
@@ -199,8 +237,12 @@ def estimate_train_memory(
     tokens = micro_batch * seq_len
     per_layer = 16 * model_cfg.d_model + 4 * model_cfg.ffn_hidden + model_cfg.n_head * seq_len
     activations = tokens * model_cfg.n_layer * per_layer * act_bytes + 3 * tokens * model_cfg.vocab_size * 4
-    total = 4 * p + 4 * p + states + activations
-    return {"weights": 4 * p, "grads": 4 * p, "optimizer": states, "activations": activations, "total": total}
+    weights = grads = 4 * p
+    if shards > 1:
+        gathered = 2 * 4 * model_cfg.params_per_layer() + 4 * model_cfg.vocab_size * model_cfg.d_model
+        weights, grads, states = 4 * p // shards + gathered, 4 * p // shards + gathered, states // shards
+    total = weights + grads + states + activations
+    return {"weights": weights, "grads": grads, "optimizer": states, "activations": activations, "total": total}
 
 
 def check_memory(est: dict[str, int], available: int, what: str = "this model") -> None:
@@ -258,9 +300,14 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.precision = resolve_precision(config.precision, self.device)
         self.model = model.to(self.device)
-        self.ctx = TrainContext(self.device, self.precision, self.dist, accum_steps, config, self.model)
+        self.sharded = config.fsdp and self.dist.enabled
+        if config.fsdp and not self.dist.enabled and self.dist.is_main:
+            console.print("--fsdp: one process, nothing to shard (it takes effect under torchrun)")
+        self.ctx = TrainContext(self.device, self.precision, self.dist, accum_steps, config, self.model, self.sharded)
         objective.setup(self.ctx)
         self.extra = {k: m.to(self.device) for k, m in objective.extra_modules().items()}
+        if self.sharded:
+            _fully_shard(self.model)  # in place: parameters become DTensor shards; before the optimizers
         self.container = _Container(self.model, self.extra)
         ns_dtype = newton_schulz_dtype(self.device) if config.optimizer == "muon" else torch.bfloat16
         if ns_dtype == torch.float32 and self.dist.is_main:
@@ -276,7 +323,7 @@ class Trainer:
         )
         self.scaler = make_scaler(self.device, self.precision)
         self.fwd_model: nn.Module = self.model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -329,16 +376,40 @@ class Trainer:
         dist.all_gather_object(gathered, mine)
         return gathered
 
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """The model's (and extra modules') whole state dict and the optimizers' states, on rank 0.
+        Under --fsdp this gathers the shards: a collective every rank must call."""
+        if not self.sharded:
+            if not self.dist.is_main:
+                return {}, []
+            return self.container.state_dict(), [o.state_dict() for o in self.optimizers]
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        opts = _full_state_options()
+        return (get_model_state_dict(self.container, options=opts),
+                [get_optimizer_state_dict(self.container, o, options=opts) for o in self.optimizers])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The trained model's whole state dict (rank 0; {} elsewhere), to publish. Under --fsdp a
+        collective every rank must call."""
+        if not self.sharded:
+            return self.model.state_dict() if self.dist.is_main else {}
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=_full_state_options())
+
     def save(self) -> Path | None:
         rngs = self._rng_states()
+        model_state, optimizer_states = self._full_state()
         path = None
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 self.step,
-                module=self.container,
-                optimizers=self.optimizers,
-                scaler=self.scaler,
+                model_state=model_state,
+                optimizer_states=optimizer_states,
+                optimizer_layout="fqn" if self.sharded else "index",
+                scaler_state=self.scaler.state_dict() if self.scaler else None,
                 data_state=self.objective.state_dict(),
                 trainer_state={"tokens": self.tokens, "elapsed": self.elapsed, "precision": self.precision},
                 rng_states=rngs,
@@ -346,6 +417,32 @@ class Trainer:
             )
         self.dist.barrier()
         return path
+
+    def _load_state(self, path: Path, c: ckpt.Checkpoint) -> None:
+        """Load a checkpoint's whole state dicts into the (possibly sharded) model and optimizers."""
+        layout = "fqn" if self.sharded else "index"
+        if c.optimizer_layout != layout:
+            raise UsageError(
+                f"{path}: checkpoint written {'with' if c.optimizer_layout == 'fqn' else 'without'} --fsdp; "
+                f"resume it {'with' if c.optimizer_layout == 'fqn' else 'without'} --fsdp, or start over with --force"
+            )
+        if len(c.optimizer_states) != len(self.optimizers):
+            raise UsageError(f"{path}: checkpoint has {len(c.optimizer_states)} optimizers, this run {len(self.optimizers)}")
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            opts = _full_state_options(cpu_offload=False)
+            set_model_state_dict(self.container, c.model_state, options=opts)
+            for o, st in zip(self.optimizers, c.optimizer_states, strict=True):
+                set_optimizer_state_dict(self.container, o, st, options=opts)
+        else:
+            missing, unexpected = self.container.load_state_dict(c.model_state, strict=False)
+            if missing or unexpected:
+                raise UsageError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            for o, st in zip(self.optimizers, c.optimizer_states, strict=True):
+                o.load_state_dict(st)
+        if self.scaler is not None and c.scaler_state:
+            self.scaler.load_state_dict(c.scaler_state)
 
     def resume(self) -> int:
         """Restore the newest complete checkpoint in the work dir, if any; return its step."""
@@ -356,10 +453,10 @@ class Trainer:
         if not found:
             return 0
         step, path = found[-1]
-        state, data_state = ckpt.load_checkpoint(
-            path, module=self.container, optimizers=self.optimizers, scaler=self.scaler, rank=self.dist.rank
-        )
-        self.objective.load_state_dict(data_state)
+        c = ckpt.load_checkpoint(path, rank=self.dist.rank)
+        self._load_state(path, c)
+        self.objective.load_state_dict(c.data_state)
+        state = c.trainer_state
         self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
         if self.dist.is_main:
             self._truncate_metrics(self.step)
@@ -415,6 +512,8 @@ class Trainer:
             tokens += self.objective.tokens_in(batch)
             last = i == self.accum_steps - 1
             sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            if self.sharded:  # reduce-scatter the gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             with sync:
                 with autocast(self.device, self.precision):
                     loss, metrics = self.objective.loss(self.fwd_model, batch, self.extra)
@@ -448,7 +547,7 @@ class Trainer:
                 self.scaler.unscale_(opt)
         params = [p for p in self.container.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        gnorm = _clip_grad_norm(params, max_norm) if self.sharded else torch.nn.utils.clip_grad_norm_(params, max_norm)
         if self.scaler is not None:
             for opt in self.optimizers:
                 self.scaler.step(opt)
@@ -571,6 +670,44 @@ class Trainer:
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)
+
+
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2 in place: one unit per transformer block (its weights gathered just for its forward
+    and backward), and the root for the embeddings, final norm and head."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _full_state_options(cpu_offload: bool = True) -> Any:
+    """torch.distributed.checkpoint options for whole (unsharded) state dicts: gathered to rank 0's
+    CPU when saving; every rank passes the whole dict when loading, and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded (DTensor) and plain gradients together (an objective's
+    extra modules stay whole under --fsdp): the global norm of both kinds, then one scale."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    sharded = [p for p in params if isinstance(p.grad, DTensor)]
+    plain = [p for p in params if not isinstance(p.grad, DTensor)]
+    norms = []
+    for group in (sharded, plain):
+        if group:
+            n = get_total_norm([p.grad for p in group])
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, plain):
+        if group:
+            clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -125,10 +125,12 @@ def build_optimizers(
     if optimizer == "adamw":
         decay = matrices + decay
         matrices = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "base_lr": lr, "lr": lr})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "base_lr": lr, "lr": lr})
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        # under --fsdp the model's parameters are DTensor shards and an objective's extra modules
+        # (a reward or value head) whole tensors: one fused step cannot take both, so each kind
+        # gets its own group (without FSDP there is one kind, and the groups are as before)
+        for kind in _by_kind(params):
+            groups.append({"params": kind, "weight_decay": wd, "base_lr": lr, "lr": lr})
     opts: list[torch.optim.Optimizer] = []
     if matrices:
         mlr = muon_lr if muon_lr is not None else lr
@@ -148,6 +150,15 @@ def build_optimizers(
         impl = {"fused": True} if devices <= {"cpu", "cuda"} else {"foreach": True}
         opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **impl))
     return opts
+
+
+def _by_kind(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` split into DTensor shards and plain tensors (the non-empty lists, in that order)."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    return [k for k in (sharded, plain) if k]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:

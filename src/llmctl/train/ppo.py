@@ -485,6 +485,11 @@ def check_options(cfg: PPOConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0")
     if cfg.clip <= 0:
         raise UsageError(f"--clip {cfg.clip}: the policy ratio's clip range must be > 0 (0 would freeze the policy)")
+    if cfg.fsdp:
+        raise UsageError(
+            "--fsdp: ppo samples its rollouts from the policy, and replies of different lengths on each rank "
+            "would leave FSDP's gathers unmatched; train ppo without --fsdp (DDP under torchrun)"
+        )
     if not (0 < cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UsageError("--gamma must be in (0, 1] and --lam in [0, 1]")
 

@@ -160,7 +160,7 @@ class PairObjective(Objective):
         d, dev, mb = self.ctx.dist, self.ctx.device, self.micro_batch
         total = torch.zeros(len(self.VAL_KEYS) + 1, dtype=torch.float64, device=dev)
         mine = list(range(d.rank, len(self.val), d.world_size))
-        for k in range(0, len(mine), mb):
+        for k in self.ctx.lockstep(range(0, len(mine), mb)):
             b = {n: t.to(dev) for n, t in self.batch([self.val[i] for i in mine[k : k + mb]]).items()}
             total += self.val_sums(model, modules, b)
         d.all_reduce_sum(total)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from ..console import console
 from ..device import resolve_device
 from ..errors import UsageError
 from ..model.config import ModelConfig, from_preset
-from ..model.io import CONFIG, TOKENIZER, WEIGHTS, save_weights
+from ..model.io import CONFIG, TOKENIZER, WEIGHTS, save_state
 from ..model.transformer import Transformer, lm_loss
 from ..tokens import BatchSampler, TokenArtifact, check_compatible, iter_eval_windows
 from .distributed import init_distributed, open_run
@@ -133,9 +134,7 @@ class PretrainObjective(Objective):
         dev = self.ctx.device
         total = torch.zeros(2, dtype=torch.float64, device=dev)  # summed nats, targets
         it = iter_eval_windows(self.tokens, "val", self.seq_len, self.cfg.micro_batch, d.rank, d.world_size)
-        for i, (x, y) in enumerate(it):
-            if not full and i >= self.cfg.eval_batches:
-                break
+        for x, y in self.ctx.lockstep(it if full else islice(it, self.cfg.eval_batches)):
             x, y = x.to(dev), y.to(dev)
             logits = model(x)
             total[0] += lm_loss(logits, y, reduction="sum").double()
@@ -214,7 +213,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             )
         accum = global_rows // rows_per_micro
         precision = resolve_precision(cfg.precision, device)
-        est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision)
+        est = estimate_train_memory(mcfg, cfg.micro_batch, cfg.seq_len, cfg.optimizer, precision,
+                                    shards=world if cfg.fsdp else 1)
         check_memory(est, available_memory(device), f"the model ({mcfg.total_params():,} parameters)")
 
         params = _params_of(cfg)
@@ -248,9 +248,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             dist_ctx=dist_ctx, title="pretrain",
         )
         result = trainer.fit()
+        weights = trainer.model_state()  # under --fsdp every rank takes part in gathering them
         if not dist_ctx.is_main:
             return {}
-        save_weights(model, work / WEIGHTS)
+        save_state(weights, work / WEIGHTS)
         shutil.copyfile(tokens.tokenizer_path, work / TOKENIZER)
         final = result.pop("final_eval") or {}
         stats = {

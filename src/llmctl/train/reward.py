@@ -112,7 +112,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         world = dist_ctx.world_size
         global_pairs, accum = cfg.batch_layout(world)
         cfg.steps_from_epochs(len(data.train), global_pairs)
-        check_fits(cfg, mcfg, device, 2 * cfg.micro_batch, f"the reward model ({mcfg.total_params():,} parameters)")
+        check_fits(cfg, mcfg, device, 2 * cfg.micro_batch, f"the reward model ({mcfg.total_params():,} parameters)", world=world)
         objective = RewardObjective(data.train, data.val, cfg, tok.pad_id, global_pairs, mcfg.d_model)
         keys = ("val_loss", "val_accuracy", "val_margin", "val_score_mean", "val_score_std")
         return fit_and_publish(

@@ -234,7 +234,7 @@ class SFTObjective(Objective):
         mine = list(range(d.rank, len(self.val), d.world_size))
         # longest first: rows of a micro-batch have similar lengths, so little padding
         mine.sort(key=lambda i: -len(self.val[i].inputs))
-        for k in range(0, len(mine), mb):
+        for k in self.ctx.lockstep(range(0, len(mine), mb)):
             b = collate(self.val, [[i] for i in mine[k : k + mb]], self.pad_id, packed=False)
             logits = model(b["input_ids"].to(dev))
             labels = b["labels"].to(dev)
@@ -272,7 +272,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         global_rows, accum = cfg.batch_layout(world)
         objective = SFTObjective(train, val, cfg, tok.pad_id, global_rows)
         cfg.steps_from_epochs(len(objective.rows), global_rows)
-        check_fits(cfg, mcfg, device, cfg.micro_batch, f"the model ({mcfg.total_params():,} parameters)")
+        check_fits(cfg, mcfg, device, cfg.micro_batch, f"the model ({mcfg.total_params():,} parameters)", world=world)
 
         packed_tokens = sum(len(e.inputs) for e in train)
         fill = packed_tokens / (len(objective.rows) * cfg.seq_len) if cfg.packing else None
