@@ -397,3 +397,20 @@ def test_shard_subset_of_files(built, tmp_path):
     assert m["stats"]["files"] == 1 and list(m["stats"]["per_file"]) == ["old.arc"]
     assert [p.name for p in out.glob("docs-*.parquet")] == ["docs-00001-00000.parquet"]
     assert read_docs(out).column("url").to_pylist() == ["http://arc.example.org/page"]
+
+
+def test_mislabelled_and_undeclared_charsets_decode_to_the_real_text():
+    """Valid UTF-8 beats a wrong Western label (a server default of ISO-8859-1 in front of UTF-8
+    pages); labels still win for bytes that are not UTF-8; undeclared Western text is windows-1252."""
+    from llmctl.data.extract import decode_html
+
+    text = "Müller’s café serves crème brûlée to naïve guests, déjà vu. Straße – “quotes”."
+    assert decode_html(text.encode(), "iso-8859-1")[:2] == (text, "utf_8")
+    meta = '<meta charset="iso-8859-1"><p>' + text
+    assert decode_html(meta.encode(), None)[:2] == (meta, "utf_8")
+    assert decode_html(f"<p>{text}</p>".encode("cp1252"), None)[:2] == (f"<p>{text}</p>", "cp1252")
+    polish = "Zażółć gęślą jaźń. Wczoraj byłem w sklepie i kupiłem chleb, masło oraz świeże jabłka dla całej rodziny."
+    assert decode_html(polish.encode("cp1250"), None)[0] == polish
+    russian = "Привет, как дела? Это тестовая страница на русском языке."
+    assert decode_html(russian.encode("cp1251"), "windows-1251") == (russian, "cp1251", "header")
+    assert decode_html(b"plain ascii", "iso-8859-1") == ("plain ascii", "cp1252", "header")

@@ -170,10 +170,14 @@ def meta_charset(body: bytes, scan: int = 8192) -> str | None:
 def decode_html(body: bytes, declared: str | None) -> tuple[str, str, str] | None:
     """(text, codec, source) — source is bom, header, meta or detected; None if undecodable.
 
-    Order: a byte-order mark, the HTTP header's charset, the page's ``<meta>``, then detection
-    (UTF-8 first, then charset-normalizer). A declared charset is used only if the bytes decode
-    under it; if nothing decodes cleanly, the first candidate is used with replacement characters
-    when they are rare (≤ 1%).
+    Order: a byte-order mark; then bytes that are valid UTF-8 and not all ASCII are UTF-8, whatever
+    the labels say (a server's default ISO-8859-1 in front of UTF-8 pages is the common mislabel,
+    and text in any other charset is practically never valid UTF-8); then the HTTP header's
+    charset, the page's ``<meta>``, then detection (charset-normalizer, which on undeclared Western
+    text prefers windows-1252, the web's default, over an equally plausible Baltic or Central
+    European code page). A declared charset is used only if the bytes decode under it; if nothing
+    decodes cleanly, the first candidate is used with replacement characters when they are rare
+    (≤ 1%).
     """
     for bom, codec in _BOMS:
         if body.startswith(bom):
@@ -181,6 +185,11 @@ def decode_html(body: bytes, declared: str | None) -> tuple[str, str, str] | Non
                 return body.decode(codec), codec.removesuffix("_sig"), "bom"
             except UnicodeDecodeError:
                 break
+    if not body.isascii():
+        try:
+            return body.decode("utf_8"), "utf_8", "detected"
+        except UnicodeDecodeError:
+            pass
     candidates: list[tuple[str, str]] = []
     for label, source in ((declared, "header"), (meta_charset(body), "meta")):
         codec = codec_for(label)
@@ -198,7 +207,11 @@ def decode_html(body: bytes, declared: str | None) -> tuple[str, str, str] | Non
         pass
     from charset_normalizer import from_bytes
 
-    best = from_bytes(body).best()
+    matches = from_bytes(body)
+    best = matches.best()
+    if best is not None:
+        best = next((m for m in matches if codec_for(m.encoding) == "cp1252" and m.chaos <= best.chaos + 0.1
+                     and m.coherence >= best.coherence), best)
     if best is not None and best.encoding:
         codec = codec_for(best.encoding) or best.encoding
         try:
