@@ -136,7 +136,7 @@ def main() -> None:
         def ours(k: int) -> tuple[float, float, dict]:
             t0, c0 = time.perf_counter(), time.process_time()
             run_eval(EvalConfig(model=str(hf), tasks=[f"mmlu:{SHARED / 'eval' / 'mmlu-dev'}"],
-                                out=str(work / f"ours{k}"), protocol="likelihood",
+                                out=str(work / f"ours{k}"), protocol="likelihood", bos=False,  # as add_bos_token=False
                                 **({"batch_tokens": args.batch_tokens} if args.batch_tokens else {})))
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             res = json.loads((work / f"ours{k}" / "results.json").read_text())

@@ -33,7 +33,7 @@ def eval_cmd(
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", "-k", min=0, help="Solved examples in front of each question.")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot draw.")] = 1234,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Score only the first N items of each task; 0 = all.")] = 0,
-    bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prefix contexts and prompts with BOS (lm-eval's default is no).")] = False,
+    bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prefix multiple-choice contexts and prompts with BOS, as documents began in pretraining and as lm-evaluation-harness does for a tokenizer that adds BOS (llmctl's exports do); --no-bos matches its add_bos_token=False. Perplexity always scores the first token after BOS.")] = True,
     chat: Annotated[bool, typer.Option("--chat", help="Generation protocol and judge answers: each prompt is a user turn of the model's chat format (llmctl's for sft runs, else the directory's chat_template).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated for a letter answer.")] = 4,
     contamination: Annotated[

@@ -38,7 +38,7 @@ class EvalConfig:
     num_fewshot: int = 0
     seed: int = 1234
     limit: int = 0
-    bos: bool = False
+    bos: bool = True
     chat: bool = False  # generation prompts as a user turn of the chat format (sft models)
     max_new_tokens: int = 4
     contamination: str | None = None
