@@ -11,7 +11,7 @@ import torch
 from modelkit import EXTRA_TEXT, PROMPTS, make_run
 from safetensors import safe_open
 
-from llmctl.chat import render_message, render_prompt
+from llmctl.chat import encode_chat, render_message, render_prompt
 from llmctl.errors import UsageError
 from llmctl.model.generate import GenerateConfig, generate, run_generate
 from llmctl.model.hf import ExportConfig, HFTokenizer, build_hf_tokenizer, export_hf, load_hf
@@ -127,7 +127,10 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     # tokenized as transformers and vLLM do (no special tokens added): BOS first, as sft trained
     want = [tok.bos_id, *tok.encode(render_prompt(msgs))]
     assert hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"] == want
-    assert hf_tok.apply_chat_template(msgs[:3], tokenize=False) == hf_tok.bos_token + "".join(render_message(**m) for m in msgs[:3])
+    # a whole conversation ends with EOS, as sft and reward trained on it: the same ids as encode_chat
+    assert hf_tok.apply_chat_template(msgs[:3], tokenize=False) == (
+        hf_tok.bos_token + "".join(render_message(**m) for m in msgs[:3]) + hf_tok.eos_token)
+    assert hf_tok.apply_chat_template(msgs[:3], return_dict=True)["input_ids"] == encode_chat(tok, msgs[:3]).ids
     gen = json.loads((hf_dir / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.eos_id, tok.sp.piece_to_id("<|end|>")]  # a reply ends at <|end|>
 

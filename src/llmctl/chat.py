@@ -91,9 +91,11 @@ def chat_format(tok: Any, where: object) -> ChatFormat:
 def hf_chat_template(bos: bool = True) -> str:
     """The chat format as a Jinja template for transformers' ``apply_chat_template`` (written into
     an export's tokenizer_config.json): with ``add_generation_prompt`` it renders exactly
-    ``render_prompt``, after ``bos_token`` as every training example starts (``bos``). Templates
-    carry BOS themselves because ``apply_chat_template(tokenize=True)``, and vLLM's chat endpoint,
-    tokenize the rendering without adding special tokens."""
+    ``render_prompt``, after ``bos_token`` as every training example starts (``bos``); without it,
+    a whole conversation ends with ``eos_token``, as every training example does (``encode_chat``),
+    so TRL's trainers and a reward export score and train the ids llmctl did. Templates carry BOS
+    themselves because ``apply_chat_template(tokenize=True)``, and vLLM's chat endpoint, tokenize
+    the rendering without adding special tokens."""
     opens = "".join(
         f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{ROLE_MARKERS[r]}" for i, r in enumerate(ROLES)
     )
@@ -102,7 +104,7 @@ def hf_chat_template(bos: bool = True) -> str:
         + "{% for message in messages %}" + opens
         + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
         + "{{ message['content'] }}" + ROLE_MARKERS["end"] + "{% endfor %}"
-        + "{% if add_generation_prompt %}" + ROLE_MARKERS["assistant"] + "{% endif %}"
+        + "{% if add_generation_prompt %}" + ROLE_MARKERS["assistant"] + "{% else %}{{ eos_token }}{% endif %}"
     )
 
 
