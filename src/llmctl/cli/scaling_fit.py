@@ -39,7 +39,7 @@ app.add_typer(group, name="scaling-fit")
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output directory (the scaling-fit artifact).")]
 BudgetOpt = Annotated[
     list[str] | None,
-    typer.Option("--budget", help="Compute budget in FLOPs (C = 6ND) to allocate; repeatable, e.g. 1e21 or 5.76e23."),
+    typer.Option("--budget", help="Compute budget to allocate, in FLOPs counted as C = 6ND with N the non-embedding parameters the fit uses (a pretrain manifest's train_compute_flops also counts attention and the head, so it is larger); repeatable, e.g. 1e21 or 5.76e23."),
 ]
 PredictOpt = Annotated[
     list[str] | None,
