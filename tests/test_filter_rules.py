@@ -170,6 +170,8 @@ def test_gopher_repetition_top_and_duplicate_ngrams():
     assert gr(text, **only_top2) is None
     text = filler + " ab cd" * 27  # 135 / 661 = 0.204
     assert gr(text, **only_top2) == "top_2_gram"
+    # no word repeats, and still one 2-gram is > 20% of a short text (datatrove rejects it too)
+    assert gr("book nomicon errors", **only_top2) == "top_2_gram"
     # a repeated 5-gram block: duplicated-5-gram characters above 0.15
     block = "alpha beta gamma delta epsilon"
     text = filler + " " + " ".join([block] * 8)

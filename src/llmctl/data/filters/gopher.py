@@ -187,8 +187,8 @@ class GopherRepetitionFilter(Filter):
         if len(words) < 2:
             return None
         vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-        if len(vocab) == len(words):
-            return None  # no word repeats, so no n-gram repeats
+        # no early exit when no word repeats: the top-n-gram rules still apply (a short text's one
+        # 2-gram can cover > 20% of it), only the duplicate-n-gram rules are moot then
         ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.uint64, count=len(words))
         lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         csum = np.concatenate(([0], np.cumsum(lens)))
