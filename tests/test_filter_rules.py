@@ -251,3 +251,17 @@ def test_fineweb_short_lines_duplicates_and_newlines():
     assert fw(ten, max_dup_line_char_ratio=None, max_short_line_ratio=None) is None  # 9 / 40 = 0.225
     many = "\n".join(f"w{i}." for i in range(20))  # 19 newlines / 40 tokens
     assert fw(many, max_dup_line_char_ratio=None, max_short_line_ratio=None) == "newline_word_ratio"
+
+
+def test_default_bad_words_remove_obscenity_but_not_literature_or_code(shared_data):
+    """The shipped list is unambiguous obscenities only: Shakespeare ('bastard', 'whore') and a
+    code comment's 'XXX' placeholder stay; an obscene page goes."""
+    from llmctl.data.filters.badwords import BadWordsFilter, BadWordsParams
+
+    bw = BadWordsFilter(BadWordsParams())
+    play = (shared_data / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    for word in ("bastard", "whore"):
+        at = play.lower().index(word)
+        assert bw.apply(Doc("s", "", play[max(0, at - 300): at + 300])) is None, word
+    assert bw.apply(Doc("c", "", "def f():\n    # XXX: no handlers could be found for logger XXX\n    return 1")) is None
+    assert bw.apply(Doc("o", "", "What the fuck is this page about, anyway?")) == "bad_word"
