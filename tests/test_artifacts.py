@@ -143,3 +143,11 @@ def test_a_second_writer_of_the_same_output_is_refused_while_the_first_holds_it(
     run = _run(out, {"a": 1})  # the other writer is gone
     run.finish({})
     assert not lock.exists() and (out / "manifest.json").is_file()
+
+
+def test_a_finished_run_with_other_options_is_refused_naming_them(tmp_path):
+    """A finished artifact is never replaced unasked, and the refusal says which options differ."""
+    out = tmp_path / "art"
+    _run(out, {"a": 1, "max_page_bytes": 100, "workers": 1}).finish({})
+    with pytest.raises(UsageError, match=r"holds a finished \w+ run with other options \(--max-page-bytes\); pass --force"):
+        _run(out, {"a": 1, "max_page_bytes": 200, "workers": 1})

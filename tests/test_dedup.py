@@ -444,3 +444,22 @@ def test_bad_inputs_fail_with_one_line_before_any_work(tmp_path, llmctl, capsys)
     _run(tmp_path / "ok", artifact)
     with pytest.raises(UsageError, match="is an llmctl artifact"):
         _run(tmp_path / "ok", tmp_path / "o-x", keep_rejected=artifact)
+
+
+def test_rejected_documents_are_an_artifact_that_another_run_cannot_overwrite(reference, planted, tmp_path):
+    """--keep-rejected publishes a dedup-rejected artifact (manifest with the counts, atomically);
+    a second run with other options pointed at it is refused instead of replacing its documents."""
+    from llmctl.artifacts import read_manifest
+
+    rej = reference["rej"]
+    m = read_manifest(rej)
+    removed = reference["manifest"]["stats"]["removed"]
+    assert m["stage"] == "dedup-rejected" and m["stats"]["removed"] == removed
+    assert m["stats"]["docs"] == sum(removed.values()) == len(reference["rejected"])
+    assert m["rejected_from"] == str(reference["out"].absolute())
+    assert reference["manifest"]["rejected"] == str(rej.absolute())
+    before = sorted(p.name for p in rej.iterdir())
+    with pytest.raises(UsageError, match=r"holds a finished dedup-rejected run with other options \(--methods, --out\)"):
+        _run(planted["folder"], tmp_path / "other", keep_rejected=rej, methods=["exact"])
+    assert sorted(p.name for p in rej.iterdir()) == before and _rejected(rej) == reference["rejected"]
+    assert not list(tmp_path.iterdir())  # nothing half-made for the refused run's --out

@@ -178,7 +178,8 @@ def _unlock(out: Path) -> None:
 
 
 def _changed(state: dict[str, Any], params: dict[str, Any], inputs: list[dict[str, str]]) -> str:
-    """What differs between an interrupted run's recorded options and inputs and these."""
+    """What differs between a run's recorded options and inputs (an interrupted run's state file or
+    a finished run's manifest) and these."""
     old = state.get("params")
     if not isinstance(old, dict):
         return "options or inputs"
@@ -249,7 +250,7 @@ class StageRun:
                     return run
                 if not force:
                     raise UsageError(
-                        f"{out}: holds a finished {stage} run with other parameters or inputs; "
+                        f"{out}: holds a finished {stage} run with other {_changed(old, params, records)}; "
                         "pass --force to replace it or choose another --out"
                     )
             elif any(out.iterdir()):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections import Counter
@@ -48,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import MANIFEST, StageRun, input_record, params_fingerprint, write_json_atomic
+from ..artifacts import MANIFEST, StageRun, input_record, params_fingerprint, read_manifest, write_json_atomic
 from ..console import progress
 from ..errors import StageError, UsageError
 from . import dedup_lsh as L
@@ -57,6 +56,7 @@ from .docs import BASE_COLUMNS, check_columns, list_shards, shard_filename, writ
 from .text import normalize_lines
 
 STAGE = "dedup"
+REJECTED_STAGE = "dedup-rejected"
 METHODS = ("exact", "near", "lines")
 KEEP, EXACT, NEAR = 0, 1, 2
 REASONS = {EXACT: "exact", NEAR: "near"}
@@ -120,7 +120,9 @@ def _validate(cfg: DedupConfig) -> None:
 
 def _check_rejected_dir(rej: Path, out: Path, inputs: list[Path]) -> None:
     """--keep-rejected is a directory of its own: not --out, not inside an input (a later run would
-    read the rejected docs back in), not an artifact, and holding nothing but rejected shards."""
+    read the rejected docs back in), not another kind of artifact (a dedup-rejected artifact is
+    this stage's own: ``StageRun`` refuses one of a run with other options), and holding nothing
+    but rejected shards."""
     r = rej.resolve()
     if r == out.resolve():
         raise UsageError("--keep-rejected must be a different directory from --out")
@@ -130,8 +132,10 @@ def _check_rejected_dir(rej: Path, out: Path, inputs: list[Path]) -> None:
             raise UsageError(f"--keep-rejected {rej}: overlaps the input {p}; choose a separate directory")
     if r.is_dir():
         if (r / MANIFEST).is_file():
-            raise UsageError(f"--keep-rejected {rej}: is an llmctl artifact; choose a new or empty directory")
-        other = [c.name for c in r.iterdir() if not (c.name.startswith("rejected-") and c.suffix == ".parquet")]
+            if read_manifest(r).get("stage") != REJECTED_STAGE:
+                raise UsageError(f"--keep-rejected {rej}: is an llmctl artifact; choose a new or empty directory")
+        other = [c.name for c in r.iterdir()
+                 if c.name != MANIFEST and not (c.name.startswith("rejected-") and c.suffix == ".parquet")]
         if other:
             raise UsageError(f"--keep-rejected {rej}: holds other files ({', '.join(sorted(other)[:3])}); choose a new or empty directory")
 
@@ -541,14 +545,11 @@ def write_shard(task: dict) -> dict:
     out = table.take(pa.array(keep_idx, pa.int64()))
     out = out.set_column(col, table.schema.field(col), pa.array(new_texts, table.schema.field(col).type))
     write_table(out, Path(task["out_partial"]))
-    if task["rejected"] is not None and rej_idx:
+    if task["rejected"] is not None:  # one shard per input shard, empty too (it marks the shard done)
         rej = table.take(pa.array(rej_idx, pa.int64()))
         rej = rej.append_column("reason", pa.array(rej_reason, pa.string()))
         rej = rej.append_column("duplicate_of", pa.array(rej_dup, pa.string()))
-        final = Path(task["rejected"])
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        write_table(rej, tmp)
-        os.replace(tmp, final)
+        write_table(rej, Path(task["rejected"]))
     counts = Counter(rej_reason)
     return {
         "k": task["k"],
@@ -599,8 +600,18 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=cfg.force)
     if run_.done:
         return {**run_.manifest, "already_complete": True}
+    rej_run = None
     if cfg.keep_rejected is not None:
-        Path(cfg.keep_rejected).mkdir(parents=True, exist_ok=True)
+        # an artifact of its own (manifest, atomic publish), so another run's rejected documents
+        # are never overwritten unasked, and its counts say which run they came from
+        try:
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=cfg.force)
+        except UsageError:
+            if not run_.resumed:  # refused before anything was done: leave no work dir behind
+                run_.abandon()
+            raise
+        if rej_run.done:  # finished alongside an output that is gone: redo it with the output
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=True)
     t_start = time.time()
     pool = _pool(min(cfg.workers, max(1, len(mine))))
     try:
@@ -662,7 +673,8 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         todo = []
         for k in mine:
             name, stats_name = shard_filename(k), f"parts/stats-{k:05d}.json"
-            if run_.has(name) and run_.has(stats_name):
+            rej_name = shard_filename(k, "rejected")
+            if run_.has(name) and run_.has(stats_name) and (rej_run is None or rej_run.has(rej_name)):
                 per_shard[k] = json.loads(run_.path(stats_name).read_text())
                 continue
             todo.append({
@@ -670,7 +682,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
                 "boiler": str(run_.path("plan/boilerplate.npy")) if "lines" in cfg.methods else None,
                 "meta": str(run_.path(f"sig/meta-{k:05d}.npz")),
                 "out_partial": str(run_.partial(name)),
-                "rejected": str(Path(cfg.keep_rejected) / shard_filename(k, "rejected")) if cfg.keep_rejected else None,
+                "rejected": str(rej_run.partial(rej_name)) if rej_run is not None else None,
             })
         with progress() as bar:
             task_id = bar.add_task("dedup: writing", total=sum(rows[t["k"]] for t in todo), unit="docs")
@@ -679,6 +691,8 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
                 k = res["k"]
                 write_json_atomic(run_.partial(f"parts/stats-{k:05d}.json"), res)
                 run_.commit(shard_filename(k))
+                if rej_run is not None:
+                    rej_run.commit(shard_filename(k, "rejected"))
                 run_.commit(f"parts/stats-{k:05d}.json")
                 per_shard[k] = res
                 bar.advance(task_id, res["docs_in"])
@@ -709,8 +723,13 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     for tmp_dir in ("sig", "plan", "parts"):
         shutil.rmtree(run_.path(tmp_dir), ignore_errors=True)
     files = [shard_filename(k) for k in mine]
+    extra = {}
+    if rej_run is not None:
+        rej_run.finish({"docs": totals["docs_in"] - totals["docs_out"], "removed": stats["removed"]},
+                       files=[shard_filename(k, "rejected") for k in mine], rejected_from=str(Path(cfg.out).absolute()))
+        extra["rejected"] = str(Path(cfg.keep_rejected).absolute())
     return run_.finish(stats, files=files, run_id=run_id, lsh_basename=basename if storage else None,
-                       input_shards=[str(s) for s in shards])
+                       input_shards=[str(s) for s in shards], **extra)
 
 
 def _load_meta(path: Path) -> dict:
