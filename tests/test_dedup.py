@@ -270,6 +270,9 @@ def test_boilerplate_lines_removed_above_document_frequency(tmp_path):
         if i < 9:
             lines.append("Share this article")
         lines.append(sentence())
+        if i < 20:  # a frequent line inside the text (code), not at its edges
+            lines += ["fn main() {", sentence(8), "} else {", sentence(8)]
+        lines.append(sentence())
         if i < 30:
             lines.append(f"Copyright {2000 + i} Example Corp.")  # digits normalise: one line, 30 documents
         docs.append((f"d{i}", "\n".join(lines)))
@@ -285,12 +288,19 @@ def test_boilerplate_lines_removed_above_document_frequency(tmp_path):
         t = out[f"d{i}"]
         assert "cookies" not in t.lower() and "Copyright" not in t
         assert ("Share this article" in t) == (i < 9)  # 9 documents: below the threshold of 10
-    assert m["stats"]["boilerplate_distinct_lines"] == 2
+        assert ("fn main() {\n" in t) == ("} else {\n" in t) == (i < 20)  # inside the text: kept
+    # the two code lines are in 20 documents too, but never at an edge (default --line-scope edges)
+    assert m["stats"]["boilerplate_distinct_lines"] == 4
     assert m["stats"]["lines_removed"] == 12 + 30 + 2
     # a fraction threshold on top: 12/41 of documents < 0.5, so only the copyright line goes
     m2 = _run(tmp_path / "in", tmp_path / "out2", line_min_docs=10, line_min_frac=0.5)
     assert m2["stats"]["boilerplate_distinct_lines"] == 1
     assert m2["stats"]["lines_removed"] == 31
+    # --line-scope all: frequent lines go wherever they are, code included
+    m3 = _run(tmp_path / "in", tmp_path / "out3", line_min_docs=10, line_scope="all")
+    assert m3["stats"]["lines_removed"] == 12 + 30 + 2 + 2 * 20
+    with pytest.raises(UsageError, match="--line-scope 'middle': choose one of edges, all"):
+        _run(tmp_path / "in", tmp_path / "out4", line_scope="middle")
 
 
 # ---- resume -----------------------------------------------------------------------------------

@@ -42,6 +42,9 @@ def dedup(
     line_min_frac: Annotated[
         float, typer.Option("--line-min-frac", help="… and in at least this fraction of the documents.")
     ] = 0.0,
+    line_scope: Annotated[
+        str, typer.Option("--line-scope", help="edges: remove boilerplate lines only in a document's leading and trailing runs (headers, navigation, footers), keeping frequent lines inside it, such as code; all: wherever they are.")
+    ] = "edges",
     lsh_storage: Annotated[
         str, typer.Option("--lsh-storage", help="'memory' or redis://HOST:PORT (optionally /DB) for an index shared by workers and machines.")
     ] = "memory",
@@ -71,7 +74,7 @@ def dedup(
     cfg = DedupConfig(
         inputs=list(docs), out=out, methods=[m.strip() for m in methods.split(",") if m.strip()],
         num_perm=num_perm, bands=bands, rows=rows, ngram=ngram, seed=seed, jaccard_threshold=jaccard_threshold,
-        line_min_docs=line_min_docs, line_min_frac=line_min_frac, lsh_storage=lsh_storage, run_id=run_id,
+        line_min_docs=line_min_docs, line_min_frac=line_min_frac, line_scope=line_scope, lsh_storage=lsh_storage, run_id=run_id,
         wait_timeout=wait_timeout, keep_rejected=keep_rejected, workers=workers, shard=shard, force=force,
     )
     manifest = run(cfg)

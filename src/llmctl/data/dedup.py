@@ -17,7 +17,11 @@ Three phases, each resumable at shard granularity inside the StageRun work direc
    ``line_min_docs`` documents and at least ``line_min_frac`` of them are boilerplate.
 3. **write** (parallel): each input shard K becomes ``docs-K.parquet`` without the duplicates and
    without boilerplate lines (found from phase 1's line hashes, nothing normalised twice); documents
-   left with no text are dropped (reason ``boilerplate``).
+   left with no text are dropped (reason ``boilerplate``). By default (``line_scope="edges"``) only
+   the boilerplate lines of a document's leading and trailing runs go (headers, navigation,
+   footers, cookie notices): frequent lines in the middle are content as often as not (``fn main()
+   {`` in 547 pages of a programming book, ``} else {``), and cutting them breaks code and lists.
+   ``line_scope="all"`` removes them wherever they are.
 
 Survivors depend only on the documents' global positions, never on the number of workers or on
 the order in which workers finish.
@@ -57,6 +61,7 @@ from .text import normalize_lines
 
 STAGE = "dedup"
 REJECTED_STAGE = "dedup-rejected"
+LINE_SCOPES = ("edges", "all")
 METHODS = ("exact", "near", "lines")
 KEEP, EXACT, NEAR = 0, 1, 2
 REASONS = {EXACT: "exact", NEAR: "near"}
@@ -76,6 +81,7 @@ class DedupConfig:
     jaccard_threshold: float = 0.75
     line_min_docs: int = 10
     line_min_frac: float = 0.0
+    line_scope: str = "edges"  # remove boilerplate lines only at a document's start and end, or "all"
     lsh_storage: str = "memory"
     run_id: str | None = None
     wait_timeout: float = 3600.0
@@ -110,6 +116,8 @@ def _validate(cfg: DedupConfig) -> None:
         raise UsageError(f"--jaccard-threshold {cfg.jaccard_threshold}: must be within 0…1 (0 turns verification off)")
     if not 0.0 <= cfg.line_min_frac <= 1.0:
         raise UsageError(f"--line-min-frac {cfg.line_min_frac}: must be within 0…1")
+    if cfg.line_scope not in LINE_SCOPES:
+        raise UsageError(f"--line-scope {cfg.line_scope!r}: choose one of {', '.join(LINE_SCOPES)}")
     if cfg.line_min_docs < 2:
         raise UsageError("--line-min-docs must be ≥ 2 (a line in one document is not repeated)")
     if cfg.workers < 1:
@@ -468,6 +476,17 @@ def _plan(cfg: DedupConfig, shard_ids: list[int], metas: dict[int, dict], sig_pa
     return reason, dup_of, boiler, stats
 
 
+def edge_runs(boiler: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
+    """The boilerplate lines of a document's leading and trailing runs: lines from the start (and
+    back from the end) up to its first (last) non-empty line that is not boilerplate."""
+    keep_from = np.flatnonzero(nonempty & ~boiler)
+    if len(keep_from) == 0:
+        return boiler.copy()  # nothing but boilerplate and blank lines: all of it is edge
+    out = boiler.copy()
+    out[keep_from[0] : keep_from[-1] + 1] = False
+    return out
+
+
 def _pair_similarity(pairs: list[tuple[int, int]], lsh, sig_paths: dict[int, Path], cfg: DedupConfig) -> np.ndarray:
     """Estimated Jaccard of each candidate pair over the first bands × rows MinHash values."""
     width = cfg.bands * cfg.rows
@@ -527,13 +546,14 @@ def write_shard(task: dict) -> dict:
         t = t or ""
         if boiler_doc[i]:
             lo, hi = seq_off[i], seq_off[i + 1]
-            drop = is_boiler[lo:hi].tolist()
+            drop_arr = is_boiler[lo:hi] if task["line_scope"] == "all" else edge_runs(is_boiler[lo:hi], nonempty[lo:hi])
+            drop = drop_arr.tolist()
             lines = t.split("\n")
             kept = [line for line, d in zip(lines, drop, strict=True) if not d]
             removed = len(lines) - len(kept)
             lines_removed += removed
             chars_removed += sum(len(line) + 1 for line, d in zip(lines, drop, strict=True) if d)
-            if not (nonempty[lo:hi] & ~is_boiler[lo:hi]).any():
+            if not (nonempty[lo:hi] & ~drop_arr).any():
                 rej_idx.append(i)
                 rej_reason.append("boilerplate")
                 rej_dup.append(None)
@@ -680,6 +700,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
             todo.append({
                 "path": str(shards[k]), "k": k, "plan": str(run_.path(f"plan/plan-{k:05d}.npz")),
                 "boiler": str(run_.path("plan/boilerplate.npy")) if "lines" in cfg.methods else None,
+                "line_scope": cfg.line_scope,
                 "meta": str(run_.path(f"sig/meta-{k:05d}.npz")),
                 "out_partial": str(run_.partial(name)),
                 "rejected": str(rej_run.partial(rej_name)) if rej_run is not None else None,
