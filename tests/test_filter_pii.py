@@ -16,6 +16,9 @@ def test_emails_redacted_lookalikes_kept():
     assert c["email"] == 2
     for keep in ("icon@2x.png", "user@localhost", "@handle on twitter", "a @ b.com", "x@y"):
         assert redact(f"see {keep} here")[0] == f"see {keep} here", keep
+    # glued to CJK text, as on a real Common Crawl page (no space before or after the address)
+    assert redact("网站地图fyzw88@126.com联系我们")[0] == "网站地图<EMAIL>联系我们"
+    assert redact("服务器8.8.8.8上")[0] == "服务器<IP_ADDRESS>上"
 
 
 def test_public_ips_redacted_private_and_reserved_kept():

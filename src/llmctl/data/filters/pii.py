@@ -30,16 +30,20 @@ from .base import Doc, Filter, FilterParams
 
 _psl = PublicSuffixList()
 
+# ASCII word boundaries (re.ASCII): an address glued to CJK or other non-Latin text, as in
+# "网站地图fyzw88@126.com", has no space before it, and a Unicode \w there would hide it
 _EMAIL = re.compile(
     r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
-    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})(?![\w-])"
+    r"((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})(?![\w-])",
+    re.ASCII,
 )
-_IPV4 = re.compile(r"(?<![\w.])(?<![A-Za-z0-9]/)(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d|-[A-Za-z])")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_IPV4 = re.compile(r"(?<![\w.])(?<![A-Za-z0-9]/)(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d|-[A-Za-z])", re.ASCII)
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])", re.ASCII)
 _NANP = re.compile(
-    r"(?<![\w+.\-/])(?:\+?1[\s.-]?)?(?:\(([2-9]\d\d)\)\s?|([2-9]\d\d)[\s.-])([2-9]\d\d)[\s.-]\d{4}(?![\w]|[.-]\d)"
+    r"(?<![\w+.\-/])(?:\+?1[\s.-]?)?(?:\(([2-9]\d\d)\)\s?|([2-9]\d\d)[\s.-])([2-9]\d\d)[\s.-]\d{4}(?![\w]|[.-]\d)",
+    re.ASCII,
 )
-_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w]|[.-]\d)")
+_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w]|[.-]\d)", re.ASCII)
 #: words after which a dotted quad is a version, section or similar number, not an address
 _NOT_IP_CONTEXT = re.compile(
     r"(?:version|ver|release|rel|build|rev|revision|firmware|update|patch|section|sec|chapter|ch|"
