@@ -220,6 +220,13 @@ def test_sentence_counting():
     assert count_sentences("Pi is 3.14 and that is all.") == 1
     assert count_sentences("Wait... what?! Really.") == 2
     assert count_sentences("   ") == 0
+    # as spaCy's English sentencizer counts them (each figure measured with datatrove's splitter):
+    # abbreviations and initials end nothing, closing punctuation is skipped, a symbol starts one
+    for line, n in (("Mr. Smith met Dr. Jones at 5 p.m. on Jan. 3 in the U.S. capital with e.g. three friends.", 1),
+                    ("J.B. Pritzker won. He said so.", 2), ("J. Smith arrived. Then A. B. Jones left.", 2),
+                    ("It costs 3.5 dollars. Etc. and so on.", 3), ("No. 5 is here. Approx. ten.", 4),
+                    ('He said "hi." Then left.', 2), ("End.)", 1), ("you! |  |", 2), ("at example.com. Then more", 2)):
+        assert count_sentences(line) == n, line
 
 
 def fw_doc(n_lines: int, n_punct: int, length: int = 60) -> str:

@@ -20,6 +20,7 @@ in spaCy. A small table of English exceptions (abbreviations such as "Mr." and "
 from __future__ import annotations
 
 import re
+import unicodedata
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -242,21 +243,52 @@ def sentence_terminals() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def _sentence_end_re() -> re.Pattern[str]:
-    """A single sentence-terminal mark that stands as its own token and has a word after it."""
+    """A run of sentence-terminal marks that stands as its own token (not "3.5", not "...")."""
     marks = "".join(re.escape(c) for c in sorted(sentence_terminals()))
-    return re.compile(rf"(?<!\.)(?!\.\.)[{marks}]+(?!\w)(?=[^\w]*\w)")
+    return re.compile(rf"(?<!\.)(?!\.\.)[{marks}]+(?!\w)")
+
+
+#: English abbreviations whose period does not end a sentence (titles, companies, months, US
+#: states), as English tokenizers keep "Mr." or "Jan." one token; dotted initials ("U.S.", "e.g.",
+#: "p.m.", "J.B.", a lone "J.") are matched by ``_INITIALS``. Case matters: "Etc." and "No." end one.
+_ABBREVIATIONS = frozenset(
+    "Mr Mrs Ms Dr Prof Jr St Mt Rev Gen Gov Sen Rep Adm Messrs Inc Co Ltd Corp Bros vs Ph.D "
+    "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec "
+    "Ala Ariz Ark Calif Colo Conn Del Fla Ga Ill Ind Kan Kans Ky La Md Mass Mich Minn Miss Mo Mont "
+    "Neb Nev Okla Ore Pa Tenn Va Wash Wis".split()
+)
+_INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")
+_TOKEN_BEFORE = re.compile(r"\S+$")
+_OPENERS = "\"'([{“‘«"
+
+
+def _is_abbreviation(line: str, period_at: int) -> bool:
+    m = _TOKEN_BEFORE.search(line, 0, period_at)
+    token = m.group().lstrip(_OPENERS) if m else ""
+    return token in _ABBREVIATIONS or _INITIALS.fullmatch(token) is not None
+
+
+def _token_follows(line: str, end: int) -> bool:
+    """Whether a token other than punctuation (closing quotes and brackets) comes after ``end``."""
+    return any(not ch.isspace() and not unicodedata.category(ch).startswith("P") for ch in line[end:])
 
 
 def count_sentences(line: str) -> int:
-    """Sentences in one line, counted as spaCy's rule-based sentencizer splits them.
+    """Sentences in one line, counted as spaCy's rule-based sentencizer splits English text.
 
-    A new sentence starts at the first word after sentence-terminal marks (".", "!", "?" and
-    their Unicode relatives) that stand as tokens: "3.5" and "..." end nothing, "?!" ends one
-    sentence.
+    A new sentence starts at the first token after sentence-terminal marks (".", "!", "?" and
+    their Unicode relatives) that stand as tokens, skipping punctuation such as closing quotes and
+    brackets: "3.5" and "..." end nothing, "?!" ends one sentence, and the period of an
+    abbreviation ("Mr.", "Jan.", "U.S.", "e.g.", "J.") none.
     """
     if not line.strip():
         return 0
-    return 1 + len(_sentence_end_re().findall(line))
+    n = 1
+    for m in _sentence_end_re().finditer(line):
+        if m.group() == "." and _is_abbreviation(line, m.start()):
+            continue
+        n += _token_follows(line, m.end())
+    return n
 
 
 class Doc:
