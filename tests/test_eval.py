@@ -298,6 +298,7 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     rows.append({"q": "missing options"})  # missing field
     rows.append({"q": "x", "opts": ["a", "b"], "label": 5})  # gold out of range
     rows.append({"q": "long " * 200, "opts": ["a", "b"], "label": 0})  # longer than the context
+    rows.append({"q": "x", "opts": ["long " * 200, "b"], "label": 1})  # a choice longer than the context
     spec = write_task(tmp_path / "t", rows)
     code = cli("eval", hf, "--task", f"jsonl:{spec}", "--protocol", "likelihood", "--out", tmp_path / "o")
     out, err = capsys.readouterr()
@@ -305,14 +306,25 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     assert "acc_norm" in out and "likelihood" in out and "skipped · qa" in err + out
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     acc = next(r for r in res["results"] if r["metric"] == "acc")
-    assert acc["n"] == len(QUESTIONS)
+    # --truncate left (the default, as lm-eval): the long question is scored on the end of its
+    # context; a choice that alone exceeds the context cannot be, and is skipped
+    assert acc["n"] == len(QUESTIONS) + 1 and acc["settings"]["truncated"] == {"likelihood": 1}
     assert acc["settings"]["skipped"] == {"missing_field": 1, "gold_out_of_range": 1,
                                           "likelihood:longer_than_context": 1}
-    # items scored: not the one longer than the context
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["stats"]["items_scored"] == len(QUESTIONS)
+    items = [json.loads(x) for x in (tmp_path / "o" / "items-qa.jsonl").read_text().splitlines()]
+    long_row = next(r for r in items if r.get("truncated_likelihood"))
+    assert len(long_row["loglik"]) == 2 and res["settings"]["truncate"] == "left"
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["stats"]["items_scored"] == len(QUESTIONS) + 1
+    # --truncate skip: the long question is left out and counted
+    code = cli("eval", hf, "--task", f"jsonl:{spec}", "--protocol", "likelihood", "--truncate", "skip", "--out", tmp_path / "o-skip")
+    capsys.readouterr()
+    acc = next(r for r in json.loads((tmp_path / "o-skip" / "results.json").read_text())["results"] if r["metric"] == "acc")
+    assert code == 0 and acc["n"] == len(QUESTIONS) and "truncated" not in acc["settings"]
+    assert acc["settings"]["skipped"]["likelihood:longer_than_context"] == 2
     # a task none of whose items can be scored: a warning, and null (strict JSON) rather than NaN
     long_only = write_task(tmp_path / "t-long", [{"q": "long " * 200, "opts": ["a", "b"], "label": 0}])
-    code = cli("eval", run, "--task", f"jsonl:{long_only}", "--protocol", "likelihood", "--out", tmp_path / "o-long")
+    code = cli("eval", run, "--task", f"jsonl:{long_only}", "--protocol", "likelihood", "--truncate", "skip",
+               "--out", tmp_path / "o-long")
     out, err = capsys.readouterr()
     assert code == 0 and "no item could be scored (likelihood:longer_than_context 1)" in " ".join((out + err).split())
     strict = json.loads((tmp_path / "o-long" / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))

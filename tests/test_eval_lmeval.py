@@ -34,6 +34,8 @@ MORE = [
     {"q": "日本語のテキストです。東京と", "opts": ["大阪", "京都"], "label": 0},
     {"q": "Emoji: 😀 means  ", "opts": ["happy", "sad and tired"], "label": 0},  # trailing spaces move
     {"q": "Pick a word:", "opts": ["the", "and", "in", "my"], "label": 2},  # one-token choices (as in MMLU)
+    # longer than the model's 128 positions: both cut each (context + choice) from the left
+    {"q": "Tell me more about it. " * 40 + "The sky is", "opts": ["blue", "a bright shade of green today"], "label": 0},
 ]
 
 
@@ -94,6 +96,7 @@ def test_lm_eval_harness_agrees_on_acc_acc_norm_and_bits_per_byte(models, tmp_pa
     one = [all(len(c) == 1 for c in context_ids(tok, "Question: " + r["q"] + "\nAnswer:", [" " + o for o in r["opts"]])[1])
            for r in questions()]
     assert any(one) and not all(one)  # both scoring paths are compared
+    assert len(tok.encode(questions()[-1]["q"])) > 128  # and left truncation
     docs = tmp_path / "docs.jsonl"
     texts = [Path(__file__).read_text(encoding="utf-8")[:1200] + " Ünïcödé ñ ß — 日本語のテキスト 😀", "Short doc."]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")

@@ -33,6 +33,7 @@ def eval_cmd(
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", "-k", min=0, help="Solved examples in front of each question.")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the few-shot draw.")] = 1234,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Score only the first N items of each task; 0 = all.")] = 0,
+    truncate: Annotated[str, typer.Option("--truncate", help="An item longer than the model's context: left drops its oldest context tokens (as lm-evaluation-harness does; counted per task as truncated), skip leaves it out (counted as skipped).")] = "left",
     bos: Annotated[bool, typer.Option("--bos/--no-bos", help="Prefix multiple-choice contexts and prompts with BOS, as documents began in pretraining and as lm-evaluation-harness does for a tokenizer that adds BOS (llmctl's exports do); --no-bos matches its add_bos_token=False. Perplexity always scores the first token after BOS.")] = True,
     chat: Annotated[bool, typer.Option("--chat", help="Generation protocol and judge answers: each prompt is a user turn of the model's chat format (llmctl's for sft runs, else the directory's chat_template).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated for a letter answer.")] = 4,
@@ -63,7 +64,7 @@ def eval_cmd(
 
     cfg = EvalConfig(
         model=str(model), tasks=list(task), out=str(out), protocol=protocol, num_fewshot=num_fewshot, seed=seed,
-        limit=limit, bos=bos, chat=chat, max_new_tokens=max_new_tokens,
+        limit=limit, bos=bos, truncate=truncate, chat=chat, max_new_tokens=max_new_tokens,
         contamination=str(contamination) if contamination else None, ngram=ngram, decontaminate=decontaminate,
         batch_tokens=batch_tokens, judge=str(judge) if judge else None, reply_tokens=reply_tokens, device=device, threads=threads, force=force,
     )

@@ -25,7 +25,10 @@ def identifier():
 
 
 def detect(text: str, max_chars: int = MAX_CHARS) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) of the text's language; ('und', 0.0) for text without words."""
+    """(language code, probability) of the text's language; ('und', 0.0) for text without words.
+
+    Codes are the model's labels: ISO 639-1 where one exists, else ISO 639-3 (``wuu`` Wu Chinese,
+    ``pcm`` Nigerian Pidgin) or ``zxx`` (no linguistic content)."""
     sample = text[:max_chars]
     if not any(ch.isalpha() for ch in sample):
         return "und", 0.0

@@ -39,6 +39,7 @@ class EvalConfig:
     seed: int = 1234
     limit: int = 0
     bos: bool = True
+    truncate: str = "left"  # a request longer than the context: "left" drops its oldest context tokens, "skip" skips it
     chat: bool = False  # generation prompts as a user turn of the chat format (sft models)
     max_new_tokens: int = 4
     contamination: str | None = None
@@ -63,6 +64,8 @@ class TaskRun:
 def _check(cfg: EvalConfig) -> None:
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {cfg.protocol}: choose likelihood, generation or both")
+    if cfg.truncate not in ("left", "skip"):
+        raise UsageError(f"--truncate {cfg.truncate}: choose left or skip")
     if not cfg.tasks:
         raise UsageError("no --task given; e.g. --task mmlu:../shared/data/eval/mmlu-dev")
     if cfg.num_fewshot < 0 or cfg.limit < 0 or cfg.max_new_tokens < 1 or cfg.batch_tokens < 1:
@@ -189,7 +192,8 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
 
 def _settings(cfg: EvalConfig) -> dict[str, Any]:
     return {
-        "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos, "chat": cfg.chat,
+        "protocol": cfg.protocol, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed, "bos": cfg.bos, "truncate": cfg.truncate,
+        "chat": cfg.chat,
         "limit": cfg.limit, "ngram": cfg.ngram, "decontaminate": cfg.decontaminate,
         "contamination": cfg.contamination, "max_new_tokens": cfg.max_new_tokens, "judge": cfg.judge,
         "reply_tokens": cfg.reply_tokens,
@@ -198,6 +202,9 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
 
 def _task_settings(cfg: EvalConfig, r: TaskRun) -> dict[str, Any]:
     s: dict[str, Any] = {"source": r.task.source, "skipped": dict(r.task.skipped)}
+    cut = {p: n for p in ("likelihood", "generation") if (n := sum(1 for row in r.rows if row.get(f"truncated_{p}")))}
+    if cut:  # items scored with their oldest context tokens dropped (--truncate left)
+        s["truncated"] = cut
     if r.task.kind == "mc":
         s["num_fewshot"] = cfg.num_fewshot
     if r.contaminated is not None:
@@ -245,24 +252,29 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) ->
         if like:
             ctx, conts = split[i]
             req = _with_bos(cfg, tok, Request(ctx, conts))
+            fitted = _fit(cfg, req, ctx_len, row, "likelihood")
             if not all(conts):
                 row["skip_likelihood"] = "empty_continuation"
-            elif request_length(req) > ctx_len:
+            elif fitted is None:
                 row["skip_likelihood"] = "longer_than_context"
             else:
-                reqs.append(req)
-                req_rows.append(i)
+                reqs += fitted
+                req_rows.append((i, len(fitted)))
         if gen:
             ids = generation_mc.encode(tok, generation_mc.build_prompt(it, shots), cfg.bos, chat)
+            room = ctx_len - cfg.max_new_tokens
+            if len(ids) > room and cfg.truncate == "left" and room >= 1:
+                ids = ids[-room:]  # the harness's generate_until keeps the prompt's end
+                row["truncated_generation"] = True
             if generation_mc.fits(model, ids, cfg.max_new_tokens):
                 prompts.append(ids)
                 prompt_rows.append(i)
             else:
                 row["skip_generation"] = "longer_than_context"
     if like:
-        scores = _score(cfg, model, r, reqs, "likelihood")
+        scores = _joined(_score(cfg, model, r, reqs, "likelihood"), [n for _, n in req_rows])
         acc, acc_norm = [], []
-        for i, sc in zip(req_rows, scores, strict=True):
+        for (i, _), sc in zip(req_rows, scores, strict=True):
             it, row = items[i], rows[i]
             lls = [s.loglik for s in sc]
             norm = [ll / len(c) for ll, c in zip(lls, it.choices, strict=True)]
@@ -293,6 +305,30 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) ->
     r.rows = rows
 
 
+def _fit(cfg: EvalConfig, req: Request, ctx_len: int, row: dict[str, Any], protocol: str) -> list[Request] | None:
+    """[``req``] if it fits the model's context. Else, with ``--truncate left``, one request per
+    continuation, each context cut from the left just enough for that continuation, as
+    lm-evaluation-harness cuts each (context + continuation) to the model's length (the row is
+    marked ``truncated_PROTOCOL``); None (skipped) with ``--truncate skip``, or when a continuation
+    alone does not fit."""
+    if request_length(req) <= ctx_len:
+        return [req]
+    keeps = [ctx_len + 1 - len(c) for c in req.continuations]
+    if cfg.truncate != "left" or min(keeps) < 1:
+        return None
+    row[f"truncated_{protocol}"] = True
+    return [Request(req.context[-k:], [c]) for k, c in zip(keeps, req.continuations, strict=True)]
+
+
+def _joined(scores: list[list[Any]], parts: list[int]) -> list[list[Any]]:
+    """Per-item score lists from requests split by ``_fit``: ``parts[i]`` consecutive requests each."""
+    out, pos = [], 0
+    for n in parts:
+        out.append([s for sc in scores[pos : pos + n] for s in sc])
+        pos += n
+    return out
+
+
 def _skips(task: Task, rows: list[dict[str, Any]], key: str) -> None:
     for row in rows:
         if key in row:
@@ -310,10 +346,11 @@ def _run_lambada(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | Non
         row: dict[str, Any] = {"id": it.id, "target": it.target}
         if cfg.contamination:
             row["contaminated"] = hit[i]
-        if request_length(req) > model.cfg.max_seq_len:
+        fitted = _fit(cfg, req, model.cfg.max_seq_len, row, "likelihood")
+        if fitted is None:
             row["skip"] = "longer_than_context"
         else:
-            reqs.append(req)
+            reqs += fitted  # one continuation: one request
             idx.append(i)
         rows.append(row)
     scores = _score(cfg, model, r, reqs, "last word")

@@ -1,6 +1,6 @@
 """Keep documents in the chosen languages, above a language-ID score (extract's columns).
 
-The extract stage writes ``language`` (an ISO 639-1 code from py3langid) and ``language_score``
+The extract stage writes ``language`` (py3langid's code: ISO 639-1 where one exists, else ISO 639-3 or zxx) and ``language_score``
 (its probability). FineWeb keeps English with score ≥ 0.65; that is our default.
 """
 
