@@ -33,7 +33,7 @@ bench: setup
 	$(PY) scripts/bench_scaling.py
 
 # Benchmarks against peers that live in their own venvs or checkouts under ../peers
-# (datatrove, lm-evaluation-harness, nanoGPT): each script's docstring says how to install its peer.
+# (datatrove, lm-evaluation-harness, nanoGPT, TRL): each script's docstring says how to install its peer.
 bench-peers: setup
 	$(PY) scripts/bench_extract.py
 	$(PY) scripts/bench_filter.py
