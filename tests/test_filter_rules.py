@@ -225,7 +225,8 @@ def test_sentence_counting():
     for line, n in (("Mr. Smith met Dr. Jones at 5 p.m. on Jan. 3 in the U.S. capital with e.g. three friends.", 1),
                     ("J.B. Pritzker won. He said so.", 2), ("J. Smith arrived. Then A. B. Jones left.", 2),
                     ("It costs 3.5 dollars. Etc. and so on.", 3), ("No. 5 is here. Approx. ten.", 4),
-                    ('He said "hi." Then left.', 2), ("End.)", 1), ("you! |  |", 2), ("at example.com. Then more", 2)):
+                    ('He said "hi." Then left.', 2), ("End.)", 1), ("you! |  |", 2), ("at example.com. Then more", 2),
+                    ("const CON : Vec<i32> = vec![1, 2, 3];", 1), ("end! [note] more", 2)):
         assert count_sentences(line) == n, line
 
 

@@ -287,8 +287,15 @@ def count_sentences(line: str) -> int:
     for m in _sentence_end_re().finditer(line):
         if m.group() == "." and _is_abbreviation(line, m.start()):
             continue
+        if "." not in m.group() and not _mark_ends_token(line, m.end()):
+            continue  # "vec![1, 2]", "a!b": a "!" or "?" inside a token ends nothing
         n += _token_follows(line, m.end())
     return n
+
+
+def _mark_ends_token(line: str, end: int) -> bool:
+    nxt = line[end : end + 1]
+    return not nxt or nxt.isspace() or nxt in "\"'" or unicodedata.category(nxt) in ("Pe", "Pf")
 
 
 class Doc:
