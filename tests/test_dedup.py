@@ -469,7 +469,7 @@ def test_rejected_documents_are_an_artifact_that_another_run_cannot_overwrite(re
     assert m["rejected_from"] == str(reference["out"].absolute())
     assert reference["manifest"]["rejected"] == str(rej.absolute())
     before = sorted(p.name for p in rej.iterdir())
-    with pytest.raises(UsageError, match=r"holds a finished dedup-rejected run with other options \(--methods, --out\)"):
+    with pytest.raises(UsageError, match=r"holds a finished dedup-rejected run with other options \(--methods, --out\); pass --force to replace it or choose another --keep-rejected"):
         _run(planted["folder"], tmp_path / "other", keep_rejected=rej, methods=["exact"])
     assert sorted(p.name for p in rej.iterdir()) == before and _rejected(rej) == reference["rejected"]
     assert not list(tmp_path.iterdir())  # nothing half-made for the refused run's --out

@@ -309,6 +309,7 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     # --truncate left (the default, as lm-eval): the long question is scored on the end of its
     # context; a choice that alone exceeds the context cannot be, and is skipped
     assert acc["n"] == len(QUESTIONS) + 1 and acc["settings"]["truncated"] == {"likelihood": 1}
+    assert "truncated · qa" in " ".join((out + err).split())
     assert acc["settings"]["skipped"] == {"missing_field": 1, "gold_out_of_range": 1,
                                           "likelihood:longer_than_context": 1}
     items = [json.loads(x) for x in (tmp_path / "o" / "items-qa.jsonl").read_text().splitlines()]
@@ -329,6 +330,12 @@ def test_cli_table_and_bad_inputs(models, tmp_path, capsys, monkeypatch):
     assert code == 0 and "no item could be scored (likelihood:longer_than_context 1)" in " ".join((out + err).split())
     strict = json.loads((tmp_path / "o-long" / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert {r["metric"]: r["value"] for r in strict["results"]} == {"acc": None, "acc_norm": None}
+
+    # generation with --max-new-tokens that leaves no room for a prompt: one line, not N skips
+    code = cli("eval", run, "--task", f"jsonl:{spec}", "--protocol", "generation", "--max-new-tokens", "500",
+               "--out", tmp_path / "o-gen")
+    out, err = capsys.readouterr()
+    assert code == 2 and "--max-new-tokens 500 leaves no room for a prompt" in err and not (tmp_path / "o-gen").exists()
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": "items.jsonl", "template": "{q}"}))

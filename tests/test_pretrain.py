@@ -201,6 +201,11 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    # a refusal only rank 0 can see (the finished run has other options) reaches every rank as the
+    # same one line; the others used to die in the broadcast with a gloo traceback
+    p = torchrun_llmctl(*[("7" if a == "6" else a) for a in common], "--out", two)
+    assert p.code != 0 and "other options (--max-steps)" in p.err
+    assert "RuntimeError" not in p.err and "Connection closed" not in p.err, p.err[-2000:]
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path):

@@ -224,7 +224,9 @@ class StageRun:
         params: dict[str, Any],
         inputs: Sequence[Path] = (),
         force: bool = False,
+        flag: str = "--out",
     ) -> StageRun:
+        """Open ``out`` for ``stage``; ``flag`` is the option that named it, for the messages."""
         out = Path(out).absolute()
         records = [input_record(p) for p in inputs]
         fp = params_fingerprint(params, records)
@@ -233,7 +235,7 @@ class StageRun:
 
         if out.exists():
             if not out.is_dir():
-                raise UsageError(f"{out}: exists and is a file; choose another --out directory")
+                raise UsageError(f"{out}: exists and is a file; choose another {flag} directory")
             mf = out / MANIFEST
             if mf.is_file():
                 try:
@@ -242,7 +244,7 @@ class StageRun:
                     old = {}
                 if old.get("stage") != stage:
                     raise UsageError(
-                        f"{out}: holds a '{old.get('stage')}' artifact; choose another --out for {stage}"
+                        f"{out}: holds a '{old.get('stage')}' artifact; choose another {flag} for {stage}"
                     )
                 same = old.get("params_fingerprint") == fp
                 if same and not force:
@@ -251,18 +253,18 @@ class StageRun:
                 if not force:
                     raise UsageError(
                         f"{out}: holds a finished {stage} run with other {_changed(old, params, records)}; "
-                        "pass --force to replace it or choose another --out"
+                        f"pass --force to replace it or choose another {flag}"
                     )
             elif any(out.iterdir()):
                 raise UsageError(
-                    f"{out}: exists, is not empty and is not an llmctl artifact; choose another --out"
+                    f"{out}: exists, is not empty and is not an llmctl artifact; choose another {flag}"
                 )
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"{out.parent}: cannot create the output's parent ({e.strerror})") from e
         if not os.access(out.parent, os.W_OK):
-            raise UsageError(f"{out.parent}: not writable; choose an --out in a writable directory")
+            raise UsageError(f"{out.parent}: not writable; choose a {flag} in a writable directory")
         _lock(out)
 
         state_file = work / _RUN_STATE

@@ -283,7 +283,9 @@ class BatchSampler:
         want = {"seed": self.seed, "split": self.split_name, "seq_len": self.seq_len, "global_batch": self.global_batch}
         diff = [f"{k} {state.get(k)!r}→{v!r}" for k, v in want.items() if state.get(k) != v]
         if diff:
-            raise UsageError(f"cannot resume the data sampler: {', '.join(diff)} changed; resume with the same settings")
+            hint = ("; the global batch is --micro-batch × ranks unless --global-batch-tokens sets it: resume on the "
+                    "same number of ranks, or give --global-batch-tokens" if any(d.startswith("global_batch") for d in diff) else "")
+            raise UsageError(f"cannot resume the data sampler: {', '.join(diff)} changed; resume with the same settings{hint}")
         self.step = int(state["step"])
 
 

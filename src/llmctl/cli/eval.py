@@ -56,8 +56,9 @@ def eval_cmd(
     and reports token, word and byte perplexity and bits per byte as corpus sums. Multiple choice
     by likelihood gives acc and acc_norm (log-likelihood ÷ characters of the choice), each question's
     context computed once for all its choices; by generation the model writes the answer letter
-    (strictly parsed; unparseable answers are counted). Items longer than the model's context are
-    skipped and counted, never truncated.
+    (strictly parsed; unparseable answers are counted). An item longer than the model's context is
+    cut from the left as lm-evaluation-harness cuts it (--truncate left, counted per task), or
+    skipped and counted (--truncate skip).
     """
     from ..eval.results import table_rows
     from ..eval.runner import EvalConfig, run_eval
@@ -77,6 +78,9 @@ def eval_cmd(
     for name, sk in manifest["stats"].get("skipped", {}).items():
         rows.append((f"skipped · {name}", ", ".join(f"{k} {v}" for k, v in sk.items())))
     for r in results["results"]:
+        cut = r["settings"].get("truncated")
+        if cut:
+            rows.append((f"truncated · {r['task']}", ", ".join(f"{k} {v}" for k, v in cut.items())))
         c = r["settings"].get("contaminated")
         if c is not None:
             rows.append((f"contaminated · {r['task']}", c))

@@ -625,13 +625,13 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         # an artifact of its own (manifest, atomic publish), so another run's rejected documents
         # are never overwritten unasked, and its counts say which run they came from
         try:
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=cfg.force)
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=cfg.force, flag="--keep-rejected")
         except UsageError:
             if not run_.resumed:  # refused before anything was done: leave no work dir behind
                 run_.abandon()
             raise
         if rej_run.done:  # finished alongside an output that is gone: redo it with the output
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=True)
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=True, flag="--keep-rejected")
     t_start = time.time()
     pool = _pool(min(cfg.workers, max(1, len(mine))))
     try:

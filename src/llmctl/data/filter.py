@@ -313,9 +313,9 @@ def run(cfg: FilterConfig) -> dict[str, Any]:
         return {**run_.manifest, "already_complete": True}
     rej_run = None
     if cfg.keep_rejected:
-        rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=cfg.force)
+        rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=cfg.force, flag="--keep-rejected")
         if rej_run.done:  # finished alongside an output that is gone: redo it with the output
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=True)
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=True, flag="--keep-rejected")
     i, n = cfg.shard
     mine = [u for u in units if u.index % n == i]
     top = _top_percent_threshold(chain, shards, cfg.batch_rows)

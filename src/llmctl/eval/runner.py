@@ -139,6 +139,10 @@ def run_eval(cfg: EvalConfig) -> tuple[dict[str, Any], list[TaskRun]]:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         model, tok = load_any(cfg.model, device)
+        ctx_len = model.cfg.max_seq_len
+        if cfg.protocol != "likelihood" and any(t.kind == "mc" for t in tasks) and cfg.max_new_tokens >= ctx_len:
+            raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {ctx_len} tokens; give fewer")
         chat = chat_format(tok, cfg.model) if cfg.chat else None  # the model's own chat format
         kind = "transformers directory" if is_hf_dir(Path(cfg.model)) else "llmctl run"
         t0 = time.perf_counter()

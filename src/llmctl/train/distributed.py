@@ -80,12 +80,20 @@ def open_run(
     """Open a training stage's run directory on rank 0 and tell every rank about it: (the
     ``StageRun`` on rank 0, else None; already complete; the work directory; the manifest if complete)."""
     from ..artifacts import StageRun
+    from ..errors import UsageError
 
+    refused: UsageError | None = None
+    run, shared = None, [None, None, None, None]
     if dist_ctx.is_main:
-        run = StageRun.open(out, stage, params, inputs, force=force)
-        shared = [run.done, str(run.work), run.manifest]
-    else:
-        run, shared = None, [None, None, None]
+        try:
+            run = StageRun.open(out, stage, params, inputs, force=force)
+            shared = [run.done, str(run.work), run.manifest, None]
+        except UsageError as e:  # tell the other ranks, which would otherwise die in the broadcast
+            refused, shared = e, [None, None, None, str(e)]
     if dist_ctx.enabled:
         dist.broadcast_object_list(shared, src=0)
+    if refused is not None:
+        raise refused
+    if shared[3] is not None:
+        raise UsageError(shared[3])
     return run, bool(shared[0]), Path(shared[1]), shared[2]

@@ -422,10 +422,10 @@ class Trainer:
         """Load a checkpoint's whole state dicts into the (possibly sharded) model and optimizers."""
         layout = "fqn" if self.sharded else "index"
         if c.optimizer_layout != layout:
-            raise UsageError(
-                f"{path}: checkpoint written {'with' if c.optimizer_layout == 'fqn' else 'without'} --fsdp; "
-                f"resume it {'with' if c.optimizer_layout == 'fqn' else 'without'} --fsdp, or start over with --force"
-            )
+            how = ("sharded (--fsdp under torchrun); resume it the same way, torchrun with --fsdp"
+                   if c.optimizer_layout == "fqn" else "unsharded (one process, or DDP); resume it without --fsdp")
+            where = "" if self.dist.enabled else " (this is one process: --fsdp shards only under torchrun)"
+            raise UsageError(f"{path}: checkpoint written {how}{where}, or start over with --force")
         if len(c.optimizer_states) != len(self.optimizers):
             raise UsageError(f"{path}: checkpoint has {len(c.optimizer_states)} optimizers, this run {len(self.optimizers)}")
         if self.sharded:
