@@ -473,3 +473,23 @@ def test_rejected_documents_are_an_artifact_that_another_run_cannot_overwrite(re
         _run(planted["folder"], tmp_path / "other", keep_rejected=rej, methods=["exact"])
     assert sorted(p.name for p in rej.iterdir()) == before and _rejected(rej) == reference["rejected"]
     assert not list(tmp_path.iterdir())  # nothing half-made for the refused run's --out
+
+
+def test_a_finished_run_whose_rejected_documents_are_gone_or_taken_is_not_a_no_op(planted, tmp_path):
+    """A finished dedup is a no-op only while its --keep-rejected artifact is its own: deleted, the
+    rerun rebuilds it; taken over by another run (with --force), the rerun is refused naming it."""
+    import shutil
+
+    from llmctl.artifacts import read_manifest
+
+    out, rej = tmp_path / "out", tmp_path / "rej"
+    first = _run(planted["folder"], out, keep_rejected=rej)
+    assert _run(planted["folder"], out, keep_rejected=rej).get("already_complete")
+    shutil.rmtree(rej)
+    again = _run(planted["folder"], out, keep_rejected=rej)
+    assert not again.get("already_complete") and again["stats"]["removed"] == first["stats"]["removed"]
+    assert read_manifest(rej)["rejected_from"] == str(out.absolute())
+    _run(planted["folder"], tmp_path / "other", keep_rejected=rej, methods=["exact"], force=True)  # takes it over
+    with pytest.raises(UsageError, match="choose another --keep-rejected"):
+        _run(planted["folder"], out, keep_rejected=rej)
+    assert read_manifest(out)["stats"] == again["stats"]  # the finished output is untouched

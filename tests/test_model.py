@@ -82,6 +82,9 @@ def test_weights_round_trip(tmp_path):
     idx = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         assert torch.equal(m(idx), m2(idx))
+    # readable as any other file the user writes (safetensors alone creates it 0600)
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "w.safetensors").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
 
 
 def test_bad_shapes_are_usage_errors():

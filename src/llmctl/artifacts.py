@@ -363,5 +363,18 @@ class StageRun:
         _unlock(self.out)
 
 
+def companion_is_current(path: Path, stage: str, owner: dict[str, Any], owner_out: Path) -> bool:
+    """Whether ``path`` holds the finished ``stage`` artifact that the run whose manifest is
+    ``owner`` (at ``owner_out``) wrote beside its output (e.g. its --keep-rejected documents): not
+    gone, not replaced by another run's. A finished run is a no-op only while this holds."""
+    mf = Path(path) / MANIFEST
+    try:
+        m = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (m.get("stage") == stage and m.get("rejected_from") == str(Path(owner_out).absolute())
+            and m.get("params_fingerprint") == owner.get("params_fingerprint"))
+
+
 def shard_name(prefix: str, index: int, suffix: str) -> str:
     return f"{prefix}-{index:05d}{suffix}"

@@ -51,7 +51,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import MANIFEST, StageRun, input_record, params_fingerprint, read_manifest, write_json_atomic
+from ..artifacts import (
+    MANIFEST,
+    StageRun,
+    companion_is_current,
+    input_record,
+    params_fingerprint,
+    read_manifest,
+    write_json_atomic,
+)
 from ..console import progress
 from ..errors import StageError, UsageError
 from . import dedup_lsh as L
@@ -619,7 +627,11 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
 
     run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=cfg.force)
     if run_.done:
-        return {**run_.manifest, "already_complete": True}
+        if cfg.keep_rejected is None or companion_is_current(cfg.keep_rejected, REJECTED_STAGE, run_.manifest, cfg.out):
+            return {**run_.manifest, "already_complete": True}
+        # its rejected documents are gone or another run's: redo both (the finished output stays
+        # until the new one is published)
+        run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=True)
     rej_run = None
     if cfg.keep_rejected is not None:
         # an artifact of its own (manifest, atomic publish), so another run's rejected documents

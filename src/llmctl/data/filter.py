@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import MANIFEST, StageRun, write_json_atomic
+from ..artifacts import MANIFEST, StageRun, companion_is_current, write_json_atomic
 from ..console import progress
 from ..errors import UsageError
 from .docs import BASE_COLUMNS, check_columns, list_shards, shard_filename
@@ -310,10 +310,20 @@ def run(cfg: FilterConfig) -> dict[str, Any]:
     inputs = _inputs_of(Path(cfg.docs), shards)
     run_ = StageRun.open(Path(cfg.out), STAGE, params, inputs, force=cfg.force)
     if run_.done:
-        return {**run_.manifest, "already_complete": True}
+        if not cfg.keep_rejected or companion_is_current(Path(cfg.keep_rejected), REJECTED_STAGE, run_.manifest, Path(cfg.out)):
+            return {**run_.manifest, "already_complete": True}
+        # its rejected documents are gone or another run's: redo both (the finished output stays
+        # until the new one is published)
+        run_ = StageRun.open(Path(cfg.out), STAGE, params, inputs, force=True)
     rej_run = None
     if cfg.keep_rejected:
-        rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=cfg.force, flag="--keep-rejected")
+        try:
+            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=cfg.force,
+                                    flag="--keep-rejected")
+        except UsageError:
+            if not run_.resumed:  # refused before anything was done: leave no work dir behind
+                run_.abandon()
+            raise
         if rej_run.done:  # finished alongside an output that is gone: redo it with the output
             rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=True, flag="--keep-rejected")
     i, n = cfg.shard

@@ -36,6 +36,9 @@ def save_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, s
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(state, str(tmp), metadata=metadata)
+    mask = os.umask(0)  # safetensors creates the file 0600: give it the mode every other file gets
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
 
 
