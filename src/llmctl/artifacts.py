@@ -363,17 +363,42 @@ class StageRun:
         _unlock(self.out)
 
 
-def companion_is_current(path: Path, stage: str, owner: dict[str, Any], owner_out: Path) -> bool:
+def _companion_is_current(path: Path, stage: str, owner: dict[str, Any], owner_out: Path) -> bool:
     """Whether ``path`` holds the finished ``stage`` artifact that the run whose manifest is
-    ``owner`` (at ``owner_out``) wrote beside its output (e.g. its --keep-rejected documents): not
-    gone, not replaced by another run's. A finished run is a no-op only while this holds."""
-    mf = Path(path) / MANIFEST
+    ``owner`` (at ``owner_out``) wrote beside its output: not gone, not replaced by another run's."""
     try:
-        m = json.loads(mf.read_text(encoding="utf-8"))
+        m = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (m.get("stage") == stage and m.get("rejected_from") == str(Path(owner_out).absolute())
             and m.get("params_fingerprint") == owner.get("params_fingerprint"))
+
+
+def open_with_rejected(
+    out: Path, stage: str, rejected: Path | None, rejected_stage: str, params: dict[str, Any],
+    inputs: Sequence[Path], force: bool = False,
+) -> tuple[StageRun, StageRun | None]:
+    """Open a stage's output and, with --keep-rejected, the companion artifact of the documents it
+    removes (opened with the same parameters and inputs, so another run's is never overwritten
+    unasked). The output is a no-op (``done``) only while that companion is still its own: gone or
+    taken over by another run, both are redone (the finished output stays until the new one is
+    published). A refused companion leaves no work dir behind for the output."""
+    run = StageRun.open(out, stage, params, inputs, force=force)
+    if run.done:
+        if rejected is None or _companion_is_current(rejected, rejected_stage, run.manifest, out):
+            return run, None
+        run = StageRun.open(out, stage, params, inputs, force=True)
+    if rejected is None:
+        return run, None
+    try:
+        rej = StageRun.open(rejected, rejected_stage, params, inputs, force=force, flag="--keep-rejected")
+    except UsageError:
+        if not run.resumed:
+            run.abandon()
+        raise
+    if rej.done:  # finished alongside an output that is gone: redo it with the output
+        rej = StageRun.open(rejected, rejected_stage, params, inputs, force=True, flag="--keep-rejected")
+    return run, rej
 
 
 def shard_name(prefix: str, index: int, suffix: str) -> str:

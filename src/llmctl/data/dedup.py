@@ -53,9 +53,8 @@ import pyarrow.parquet as pq
 
 from ..artifacts import (
     MANIFEST,
-    StageRun,
-    companion_is_current,
     input_record,
+    open_with_rejected,
     params_fingerprint,
     read_manifest,
     write_json_atomic,
@@ -625,25 +624,12 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     storage = L.storage_config(cfg.lsh_storage, basename) if redis_client is not None else None
     mine = [k for k in range(len(shards)) if k % n_parts == part]
 
-    run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=cfg.force)
+    # the rejected documents are an artifact of their own (manifest, atomic publish), so another
+    # run's are never overwritten unasked, and its counts say which run they came from
+    rejected = Path(cfg.keep_rejected) if cfg.keep_rejected is not None else None
+    run_, rej_run = open_with_rejected(cfg.out, STAGE, rejected, REJECTED_STAGE, params, fp_inputs, cfg.force)
     if run_.done:
-        if cfg.keep_rejected is None or companion_is_current(cfg.keep_rejected, REJECTED_STAGE, run_.manifest, cfg.out):
-            return {**run_.manifest, "already_complete": True}
-        # its rejected documents are gone or another run's: redo both (the finished output stays
-        # until the new one is published)
-        run_ = StageRun.open(cfg.out, STAGE, params, fp_inputs, force=True)
-    rej_run = None
-    if cfg.keep_rejected is not None:
-        # an artifact of its own (manifest, atomic publish), so another run's rejected documents
-        # are never overwritten unasked, and its counts say which run they came from
-        try:
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=cfg.force, flag="--keep-rejected")
-        except UsageError:
-            if not run_.resumed:  # refused before anything was done: leave no work dir behind
-                run_.abandon()
-            raise
-        if rej_run.done:  # finished alongside an output that is gone: redo it with the output
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, fp_inputs, force=True, flag="--keep-rejected")
+        return {**run_.manifest, "already_complete": True}
     t_start = time.time()
     pool = _pool(min(cfg.workers, max(1, len(mine))))
     try:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import MANIFEST, StageRun, companion_is_current, write_json_atomic
+from ..artifacts import MANIFEST, StageRun, open_with_rejected, write_json_atomic
 from ..console import progress
 from ..errors import UsageError
 from .docs import BASE_COLUMNS, check_columns, list_shards, shard_filename
@@ -308,24 +308,10 @@ def run(cfg: FilterConfig) -> dict[str, Any]:
     """Filter ``cfg.docs`` into ``cfg.out``; returns the manifest (also when already complete)."""
     chain, params, shards, units = prepare(cfg)
     inputs = _inputs_of(Path(cfg.docs), shards)
-    run_ = StageRun.open(Path(cfg.out), STAGE, params, inputs, force=cfg.force)
+    rejected = Path(cfg.keep_rejected) if cfg.keep_rejected else None
+    run_, rej_run = open_with_rejected(Path(cfg.out), STAGE, rejected, REJECTED_STAGE, params, inputs, cfg.force)
     if run_.done:
-        if not cfg.keep_rejected or companion_is_current(Path(cfg.keep_rejected), REJECTED_STAGE, run_.manifest, Path(cfg.out)):
-            return {**run_.manifest, "already_complete": True}
-        # its rejected documents are gone or another run's: redo both (the finished output stays
-        # until the new one is published)
-        run_ = StageRun.open(Path(cfg.out), STAGE, params, inputs, force=True)
-    rej_run = None
-    if cfg.keep_rejected:
-        try:
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=cfg.force,
-                                    flag="--keep-rejected")
-        except UsageError:
-            if not run_.resumed:  # refused before anything was done: leave no work dir behind
-                run_.abandon()
-            raise
-        if rej_run.done:  # finished alongside an output that is gone: redo it with the output
-            rej_run = StageRun.open(Path(cfg.keep_rejected), REJECTED_STAGE, params, inputs, force=True, flag="--keep-rejected")
+        return {**run_.manifest, "already_complete": True}
     i, n = cfg.shard
     mine = [u for u in units if u.index % n == i]
     top = _top_percent_threshold(chain, shards, cfg.batch_rows)
