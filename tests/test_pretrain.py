@@ -243,6 +243,13 @@ def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert w1.keys() == w2.keys()  # whole tensors, gathered from the shards, under the same names
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # the periodic val (--eval-batches 3) scores the same first 3 × 4 windows on 2 ranks as on one
+    def periodic(run):
+        return {r["step"]: r["val_loss"] for r in _metrics(run) if "val_loss" in r and not r.get("final")}
+    pa, pb = periodic(one), periodic(two)
+    assert 4 in pa and pa.keys() == pb.keys()
+    for k in pa:
+        assert pb[k] == pytest.approx(pa[k], rel=1e-4), (k, pa[k], pb[k])
 
     # kill -9 of the whole torchrun group after the step-3 checkpoint, then the same command again
     killed = tmp_path / "killed"

@@ -296,13 +296,16 @@ def iter_eval_windows(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    max_windows: int | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """The whole split in disjoint windows: ``(x, y)`` long tensors ``[b, seq_len]``, ``b ≤ batch_size``.
 
     Window ``i`` covers tokens ``[i·T, (i+1)·T]`` (inputs ``[i·T, (i+1)·T)``, targets one later), so
     every token but the first is a target exactly once. The last window is padded: inputs with the
     pad id, targets with -100 (``IGNORE_INDEX``). With ``world_size > 1`` rank ``r`` gets windows
-    ``r, r + W, …``; the ranks together cover the split once.
+    ``r, r + W, …``; the ranks together cover the split once. ``max_windows`` keeps only the first
+    that many windows of the split, shared over the ranks the same way, so a capped pass scores
+    the same tokens whatever the number of ranks.
     """
     import torch
 
@@ -312,6 +315,8 @@ def iter_eval_windows(
     if n < 2:
         return
     n_windows = (n - 1 + seq_len - 1) // seq_len
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
     mine = list(range(rank, n_windows, world_size))
     for b in range(0, len(mine), batch_size):
         idx = mine[b : b + batch_size]

@@ -78,7 +78,7 @@ def pretrain_cmd(
     time_budget: TimeBudgetOpt = 0.0,
     log_every: LogEveryOpt = 10,
     eval_every: EvalEveryOpt = 0,
-    eval_batches: Annotated[int, typer.Option("--eval-batches", help="Micro-batches of val scored by periodic evals (the final eval scores all).", rich_help_panel=STOP)] = 20,
+    eval_batches: Annotated[int, typer.Option("--eval-batches", help="Periodic evals score the val split's first N × --micro-batch windows, the same ones however many ranks share them (the final eval scores all).", rich_help_panel=STOP)] = 20,
     checkpoint_every: CheckpointEveryOpt = 0,
     keep_checkpoints: KeepCheckpointsOpt = 3,
     anneal_tokens: Annotated[Path | None, typer.Option("--anneal-tokens", help="Second token artifact (high-quality domain) for the final phase.", rich_help_panel=STOP)] = None,

@@ -18,7 +18,8 @@ but the first is a target once, ``tokens.iter_eval_windows``). ``val_loss`` is t
 cross-entropy in nats per target token; ``val_bpb = val_loss × (val_tokens − 1) / val_bytes / ln 2``
 where val_tokens and val_bytes (UTF-8 bytes of the val text) come from the token manifest. On the
 final, full pass that is exactly the summed nats over the whole val split divided by ln 2 and by
-its bytes; the periodic passes score the first ``eval_batches`` batches and extrapolate the same way.
+its bytes; the periodic passes score the first ``eval_batches × micro_batch`` windows (the same
+ones however many ranks share them) and extrapolate the same way.
 
 Anneal: with ``anneal_tokens`` and ``anneal_fraction`` F, the data source switches to the second
 artifact (same tokenizer, checked) for the last F of the run — pair it with ``schedule=wsd`` and
@@ -30,7 +31,6 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import asdict, dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class PretrainConfig(LoopConfig):
     tie_embeddings: bool | None = None
     global_batch_tokens: int = 0  # 0 → micro_batch × seq_len × world size (no accumulation)
     micro_batch: int = 16  # windows per forward/backward on each rank
-    eval_batches: int = 20  # periodic val: this many micro-batches (the final pass scores all)
+    eval_batches: int = 20  # periodic val: the first this-many micro-batches of windows, over all ranks (the final pass scores all)
     anneal_tokens: Path | None = None
     anneal_fraction: float = 0.0
     force: bool = False  # not a parameter of the run (left out of the manifest's params)
@@ -133,8 +133,9 @@ class PretrainObjective(Objective):
         d = self.ctx.dist
         dev = self.ctx.device
         total = torch.zeros(2, dtype=torch.float64, device=dev)  # summed nats, targets
-        it = iter_eval_windows(self.tokens, "val", self.seq_len, self.cfg.micro_batch, d.rank, d.world_size)
-        for x, y in self.ctx.lockstep(it if full else islice(it, self.cfg.eval_batches)):
+        cap = None if full else self.cfg.eval_batches * self.cfg.micro_batch  # windows, over all ranks
+        it = iter_eval_windows(self.tokens, "val", self.seq_len, self.cfg.micro_batch, d.rank, d.world_size, cap)
+        for x, y in self.ctx.lockstep(it):
             x, y = x.to(dev), y.to(dev)
             logits = model(x)
             total[0] += lm_loss(logits, y, reduction="sum").double()
