@@ -201,6 +201,9 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    # a no-op rerun: one line and one summary, from rank 0 (every rank printed the summary before)
+    p = torchrun_llmctl(*common, "--out", two)
+    assert p.code == 0 and p.err.count("nothing to do") == 1 and p.out.count("pretrain →") == 1, p.out + p.err
     # a refusal only rank 0 can see (the finished run has other options) reaches every rank as the
     # same one line; the others used to die in the broadcast with a gloo traceback
     p = torchrun_llmctl(*[("7" if a == "6" else a) for a in common], "--out", two)

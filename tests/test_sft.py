@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, one_process_and_two_ranks, train_losses
+from conftest import cli, one_process_and_two_ranks, torchrun_llmctl, train_losses
 from modelkit import make_run
 
 from llmctl.chat import (
@@ -339,3 +339,6 @@ def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_ru
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
     # the ranks' real tokens are summed, not one rank's count × 2: the same count as one process
     assert s2["tokens_seen"] == s1["tokens_seen"] > 0
+    if parallel == "ddp":  # a no-op rerun under torchrun: one line and one summary, from rank 0
+        p = torchrun_llmctl(*common, "--out", tmp_path / "two")
+        assert p.code == 0 and p.err.count("nothing to do") == 1 and p.out.count("sft →") == 1, p.out + p.err

@@ -206,7 +206,9 @@ def base_model(base: Path, mcfg: ModelConfig, seed: int) -> Transformer:
 def already_done(cfg: FinetuneConfig, stage_name: str) -> dict[str, Any] | None:
     """The manifest of ``cfg.out`` when it is a finished ``stage_name`` run of these same options
     and inputs (then the stage has nothing to do, and need not read or tokenise its data); else
-    None. Either way ``cfg.request`` is set, for the manifest of the run about to be made."""
+    None. Under torchrun a rank other than 0 gets ``{}`` for a finished run, as it does from a
+    training run, so only rank 0's CLI prints the summary. Either way ``cfg.request`` is set, for
+    the manifest of the run about to be made."""
     try:
         cfg.request = params_fingerprint(params_of(cfg), [input_record(p) for p in cfg.inputs()])
     except UsageError:  # a missing input: the stage's own checks say so in their words
@@ -220,8 +222,9 @@ def already_done(cfg: FinetuneConfig, stage_name: str) -> dict[str, Any] | None:
         return None
     if m.get("stage") != stage_name or m.get("request_fingerprint") != cfg.request:
         return None
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, before the process group exists
-        console.print(f"{stage_name}: {cfg.out} is already complete (same options and data); nothing to do")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, before the process group exists:
+        return {}  # only rank 0 reports (and its CLI prints the summary)
+    console.print(f"{stage_name}: {cfg.out} is already complete (same options and data); nothing to do")
     return m
 
 
@@ -279,7 +282,7 @@ def fit_and_publish(
     if done:
         if dist_ctx.is_main:
             console.print(f"{stage_name}: {cfg.out} is already complete (same options and data); nothing to do")
-        return manifest
+        return manifest if dist_ctx.is_main else {}
     model = base_model(cfg.base, mcfg, cfg.seed)
     if dist_ctx.is_main:
         console.print(f"{stage_name}: {headline}")

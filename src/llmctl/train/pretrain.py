@@ -224,7 +224,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         if done:
             if dist_ctx.is_main:
                 console.print(f"pretrain: {cfg.out} is already complete (same options and tokens); nothing to do")
-            return manifest
+            return manifest if dist_ctx.is_main else {}  # only rank 0's CLI prints the summary
 
         torch.manual_seed(cfg.seed)
         model = Transformer(mcfg)
