@@ -303,6 +303,19 @@ def test_boilerplate_lines_removed_above_document_frequency(tmp_path):
         _run(tmp_path / "in", tmp_path / "out4", line_scope="middle")
 
 
+def test_duplicate_of_names_the_document_kept_in_its_place(tmp_path):
+    """An exact copy of a near duplicate names the near cluster's survivor, which is in the output,
+    not its exact group's survivor, which the near step removed."""
+    rng = random.Random(9)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(7)) for _ in range(LENGTH)]
+    a = " ".join(words)
+    b = " ".join(words[:-1] + ["different"])  # Jaccard ≈ 0.99 with a
+    _write_docs(tmp_path / "in", [[("a", a), ("b", b)], [("c", b.upper())]])  # c: b normalised
+    _run(tmp_path / "in", tmp_path / "out", keep_rejected=tmp_path / "rej")
+    assert _ids(tmp_path / "out") == ["a"]
+    assert _rejected(tmp_path / "rej") == {"b": ("near", "a"), "c": ("exact", "a")}
+
+
 # ---- resume -----------------------------------------------------------------------------------
 def test_interrupted_run_resumes_and_equals_uninterrupted(planted, reference, tmp_path, monkeypatch):
     full = reference["manifest"]

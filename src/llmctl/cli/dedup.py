@@ -55,7 +55,7 @@ def dedup(
         float, typer.Option("--wait-timeout", help="Seconds a --shard task waits for the others to fill the shared index.")
     ] = 3600.0,
     keep_rejected: Annotated[
-        Path | None, typer.Option("--keep-rejected", help="Write removed documents here, with reason and duplicate_of.")
+        Path | None, typer.Option("--keep-rejected", help="Write removed documents here, with reason and duplicate_of (the id of the document kept in its place).")
     ] = None,
     workers: WorkersOpt = 1,
     shard: ShardOpt = "0/1",

@@ -452,6 +452,13 @@ def _plan(cfg: DedupConfig, shard_ids: list[int], metas: dict[int, dict], sig_pa
                 s, r = L.split_key(m)
                 reason[s][r] = NEAR
                 dup_of[s][r] = root
+        # an exact copy names its group's survivor, which the near step may have removed in turn:
+        # point it at the document kept in their place instead (a near cluster's root is kept)
+        for k in shard_ids:
+            for r in np.flatnonzero(reason[k] == EXACT).tolist():
+                s, r2 = L.split_key(int(dup_of[k][r]))
+                if reason[s][r2] == NEAR:
+                    dup_of[k][r] = dup_of[s][r2]
         sizes = [len(m) for m in clusters.values()]
         stats["near_clusters"] = len(sizes)
         stats["near_cluster_sizes"] = _histogram(sizes)
