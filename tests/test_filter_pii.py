@@ -54,9 +54,9 @@ def test_things_that_only_look_like_ips():
 
 
 def test_phones_redacted_lookalikes_kept():
-    out, c = redact("Call (415) 555-0132, 212-555-0198, +1 650 253 0000 or +44 20 7946 0958.")
-    assert out == "Call <PHONE>, <PHONE>, <PHONE> or <PHONE>."
-    assert c["phone"] == 4
+    out, c = redact("Call (415) 555-0132, 212-555-0198, +1 650 253 0000, +33 1 42 68 53 00 or +44 20 7946 0958.")
+    assert out == "Call <PHONE>, <PHONE>, <PHONE>, <PHONE> or <PHONE>."
+    assert c["phone"] == 5
     keep = [
         "on 2020-10-12 we met",
         "ISBN 978-3-16-148410-0",
@@ -64,6 +64,8 @@ def test_phones_redacted_lookalikes_kept():
         "score 123-456-7890 is not a NANP number",
         "pi is 3.141592653",
         "+12 is a number",
+        "scored +3 (2) 10 2020",  # no country code 3
+        "+999 123 45678 or +1 212 555 01",  # no country code 999; too short for North America
     ]
     for text in keep:
         assert redact(text)[0] == text, text

@@ -14,8 +14,10 @@ Care goes into what only *looks* like personal data:
 - IPv6: must parse as an address and be global (so ``2001:db8::1``, ``::1``, ``fe80::…`` stay);
   clock times and MAC addresses do not parse.
 - phones: North American numbers with separators and a valid area code and exchange (first digit
-  2–9), or international numbers written with ``+`` and a country code, 8–15 digits in all. Bare
-  digit runs (order numbers, ISBNs without +, dates) are not phones.
+  2–9), or international numbers written with ``+`` that libphonenumber (``phonenumbers``) finds
+  possible: an assigned country code and a length that country's plan allows ("+44 20 7946 0958",
+  not "+3 (2) 10 2020", which has no country code 3). Bare digit runs (order numbers, ISBNs
+  without +, dates) are not phones.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ _NOT_IP_CONTEXT = re.compile(
     r"figure|fig|table|step|rule|clause|article|art|item|para|paragraph|no|number|oid|§)[.:]?\s*$",
     re.IGNORECASE,
 )
+
+
+def _possible_phone(candidate: str) -> bool:
+    """An international number (``+`` country code …) with a real country code and a length its
+    numbering plan allows. Validity down to assigned ranges would miss new and fictional numbers."""
+    import phonenumbers
+
+    digits = sum(ch.isdigit() for ch in candidate)
+    if not 8 <= digits <= 15:  # E.164 bounds, before parsing
+        return False
+    try:
+        return phonenumbers.is_possible_number(phonenumbers.parse(candidate, None))
+    except phonenumbers.NumberParseException:
+        return False
 
 
 @dataclass
@@ -122,8 +138,7 @@ class PiiFilter(Filter):
             if "+" in text:
 
                 def intl(m: re.Match[str]) -> str:
-                    digits = sum(ch.isdigit() for ch in m.group(0))
-                    if not 8 <= digits <= 15:
+                    if not _possible_phone(m.group(0)):
                         return m.group(0)
                     c["phone"] += 1
                     return p.phone_placeholder
