@@ -16,8 +16,9 @@ from modelkit import make_run
 
 from llmctl.chat import BadRecord, encode_chat, parse_hh, to_preference
 from llmctl.model.io import load_model
-from llmctl.train.dpo import _side, reply_logps
-from llmctl.train.preference import load_preferences
+from llmctl.train.dpo import reply_logps
+from llmctl.train.preference import cut_pair, load_preferences
+from llmctl.train.sft import Example
 
 
 def _hh(shared_data: Path) -> Path:
@@ -61,18 +62,24 @@ def test_prompt_chosen_rejected_layouts(tmp_path):
     assert bad == {"same_replies": 1, "empty_output": 1, "not_a_dialogue": 1, "reply_not_text": 1, "unknown_layout": 1}
 
 
-def test_only_the_final_reply_is_scored_and_long_prompts_lose_their_start(tok):
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye " * 40}, {"role": "assistant", "content": "Goodbye."}]
-    ct = encode_chat(tok, msgs, last_only=True)
+def test_only_the_final_reply_is_scored_and_long_prompts_lose_their_start_on_both_sides(tok):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye " * 40}]
+    ct = encode_chat(tok, [*prompt, {"role": "assistant", "content": "Goodbye."}], last_only=True)
+    other = encode_chat(tok, [*prompt, {"role": "assistant", "content": "See you later, and thanks for all."}],
+                        last_only=True)
     assert tok.decode([i for i, w in zip(ct.ids, ct.trained, strict=True) if w]) == "Goodbye.<|end|>"
-    full, cut = _side(ct, 1000)
-    assert not cut and len(full.inputs) == len(ct.ids) - 1
-    short, cut = _side(ct, 24)
-    assert cut and len(short.inputs) == 24
-    assert short.inputs == full.inputs[-24:] and short.targets == full.targets[-24:]
+    c, r, cut = cut_pair(ct, other, 1000)
+    assert not cut and (c, r) == (ct, other)
+    c, r, cut = cut_pair(ct, other, 25)
+    # one cut for both: the longer side fills the window, and both replies follow the same context
+    assert cut and len(r.ids) == 25 and len(c.ids) == 25 - (len(other.ids) - len(ct.ids))
+    assert c.ids == ct.ids[len(other.ids) - 25 :] and r.ids == other.ids[-25:]
+    context = c.trained.index(True)
+    assert context > 0 and c.ids[:context] == r.ids[:context] and not any(r.trained[:context])
+    assert Example(*c.targets()).targets == Example(*ct.targets()).targets[-(len(c.ids) - 1) :]
     with pytest.raises(BadRecord, match="reply_too_long"):
-        _side(ct, 3)
+        cut_pair(ct, other, len(other.ids) - other.trained.index(True))  # no context left before the reply
 
 
 def test_reply_logps_sum_the_target_tokens_only():

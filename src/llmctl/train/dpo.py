@@ -10,9 +10,10 @@ fraction with Δ > 0) and ``rewards/margins`` (mean Δ).
 
 Data: HH-RLHF's ``{"chosen", "rejected"}`` dialogues (the same conversation ending in two different
 assistant turns) or ``{"prompt", "chosen", "rejected"}`` records (``chat.to_preference``), .json or
-.jsonl, .gz too. Both sides of a pair are rendered in the chat format; one longer than ``seq_len``
-loses the start of its prompt (counted as ``truncated``), a pair whose reply alone does not fit is
-dropped (``reply_too_long``). Chosen and rejected rows go through the model in one forward pass.
+.jsonl, .gz too. Both sides of a pair are rendered in the chat format; a pair whose longer side
+exceeds ``seq_len`` loses the start of its prompt on both sides alike, so both replies follow the
+same context (counted as ``truncated``); a pair whose reply alone does not fit is dropped
+(``reply_too_long``). Chosen and rejected rows go through the model in one forward pass.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..chat import BadRecord, ChatTokens
 from ..device import resolve_device
 from ..errors import UsageError
 from .distributed import init_distributed
@@ -37,7 +37,6 @@ from .finetune import (
 from .preference import (
     PairConfig,
     PairObjective,
-    cut_left,
     read_pairs,
 )
 from .sft import Example, collate
@@ -57,13 +56,6 @@ class DPOConfig(PairConfig):
 class Pair:
     chosen: Example
     rejected: Example
-
-
-def _side(ct: ChatTokens | BadRecord, seq_len: int) -> tuple[Example, bool]:
-    """One side of a pair as an Example of at most ``seq_len`` inputs (targets on the final reply
-    only); (example, truncated). Raises BadRecord if the reply itself does not fit."""
-    ct, cut = cut_left(ct, seq_len + 1)
-    return Example(*ct.targets()), cut
 
 
 def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

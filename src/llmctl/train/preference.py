@@ -87,17 +87,20 @@ def split_val(prefs: list[Preference], fraction: float) -> tuple[list[Preference
     return train, val
 
 
-def cut_left(ct: ChatTokens | BadRecord, keep: int) -> tuple[ChatTokens, bool]:
-    """The last ``keep`` ids of one side (and whether any were cut). The kept window must hold every
-    trained id and start with an untrained one (the reply's context), else ``BadRecord("reply_too_long")``."""
-    if isinstance(ct, BadRecord):
-        raise ct
-    cut = len(ct.ids) - keep
+def cut_pair(chosen: ChatTokens | BadRecord, rejected: ChatTokens | BadRecord, keep: int) -> tuple[ChatTokens, ChatTokens, bool]:
+    """Both sides of a pair in at most ``keep`` ids (and whether any were cut), by one cut: the
+    longer side's excess goes from the start of both, so the two replies are scored after the
+    same context (the sides share their prompt ids). Each kept window must hold every trained id
+    and start with an untrained one (the reply's context), else ``BadRecord("reply_too_long")``."""
+    for ct in (chosen, rejected):
+        if isinstance(ct, BadRecord):
+            raise ct
+    cut = max(len(chosen.ids), len(rejected.ids)) - keep
     if cut <= 0:
-        return ct, False
-    if any(ct.trained[: cut + 1]):
+        return chosen, rejected, False
+    if any(chosen.trained[: cut + 1]) or any(rejected.trained[: cut + 1]):
         raise BadRecord("reply_too_long")
-    return ChatTokens(ct.ids[cut:], ct.trained[cut:]), True
+    return ChatTokens(chosen.ids[cut:], chosen.trained[cut:]), ChatTokens(rejected.ids[cut:], rejected.trained[cut:]), True
 
 
 def encode_pairs(tok: Any, prefs: list[Preference], keep: int, bad: dict[str, int]) -> tuple[list[PairTokens], int]:
@@ -107,13 +110,12 @@ def encode_pairs(tok: Any, prefs: list[Preference], keep: int, bad: dict[str, in
     pairs, truncated = [], 0
     for k in range(len(prefs)):
         try:
-            c, tc = cut_left(sides[2 * k], keep)
-            r, tr = cut_left(sides[2 * k + 1], keep)
+            c, r, cut = cut_pair(sides[2 * k], sides[2 * k + 1], keep)
         except BadRecord as e:
             count(bad, e.reason)
             continue
         pairs.append((c, r))
-        truncated += tc or tr
+        truncated += cut
     return pairs, truncated
 
 
