@@ -138,7 +138,7 @@ def yes_no(tmp_path_factory, spm_model) -> dict[str, Path]:
 
 
 PPO_ARGS = ["--rollout-batch", "12", "--micro-batch", "6", "--ppo-epochs", "2", "--max-new-tokens", "8", "--temperature", "1.0",
-            "--lr", "1e-3", "--warmup-steps", "2", "--precision", "fp32", "--device", "cpu"]
+            "--lr", "6e-4", "--warmup-steps", "2", "--precision", "fp32", "--device", "cpu"]
 
 
 def test_cli_ppo_moves_the_policy_to_the_rewarded_reply(yes_no, tmp_path, one_thread):

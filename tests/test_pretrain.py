@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -121,7 +122,6 @@ def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
     # bpb = nats/token × (val_tokens − 1)/val_bytes / ln 2, from the token manifest
     tm = json.loads((data["tokens"] / "manifest.json").read_text())
     v = tm["splits"]["val"]
-    import math
 
     assert s["final_val_bpb"] == pytest.approx(s["final_val_loss"] * (v["tokens"] - 1) / v["bytes"] / math.log(2), rel=1e-5)
 
@@ -201,6 +201,10 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a[k], b[k])
     assert s2["final_val_loss"] == pytest.approx(s1["final_val_loss"], rel=1e-4)
+    # warmup (2 steps) to the peak 3e-3, then a half cosine from the peak over the other 4 steps
+    lrs = [r["lr"] for r in _metrics(one) if "lr" in r]
+    want = [1.5e-3, 3e-3] + [3e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * q / 4))) for q in range(4)]
+    assert lrs == pytest.approx(want) and [r["lr"] for r in _metrics(two) if "lr" in r] == lrs
     # a no-op rerun: one line and one summary, from rank 0 (every rank printed the summary before)
     p = torchrun_llmctl(*common, "--out", two)
     assert p.code == 0 and p.err.count("nothing to do") == 1 and p.out.count("pretrain →") == 1, p.out + p.err

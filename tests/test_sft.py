@@ -322,7 +322,8 @@ def test_cli_sft_bad_input(base_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread, parallel):
+def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_run, shared_data, tmp_path, one_thread, parallel,
+                                                                        capsys):
     """Two gloo ranks, each with its own examples (so unequal reply-token counts), against one
     process accumulating the same 8 rows per step: the per-step token count is all-reduced. Under
     --fsdp too (weights sharded; an odd number of val examples at micro-batch 2 gives the ranks
@@ -332,6 +333,8 @@ def test_sft_under_torchrun_matches_one_process_at_the_same_global_batch(base_ru
               "--seq-len", "64", "--val-fraction", "0.01", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu",
               *(["--fsdp"] if parallel == "fsdp" else [])]
     s1, s2 = one_process_and_two_ranks(common, tmp_path)
+    # the default 10 warmup steps do not fit in 4: said, not silent
+    assert "--warmup-steps 10 ≥ the run's 4 steps" in " ".join(capsys.readouterr().err.split())
     assert (s1["accum_steps"], s2["accum_steps"], s2["world_size"]) == (4, 2, 2)
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(a) == len(b) == 4

@@ -23,6 +23,11 @@ def test_schedules_warmup_cosine_and_wsd():
     assert lr_factor(9, 0.09, schedule="cosine", **kw) == pytest.approx(1.0)
     assert lr_factor(50, 0.5, schedule="cosine", **kw) == pytest.approx(0.55)
     assert lr_factor(100, 1.0, schedule="cosine", **kw) == pytest.approx(0.1)
+    # the half cosine starts at the peak where warmup ended (progress 0.1), not at the point of a
+    # whole-run cosine there (10 warmup steps of a 12-step run fell to 7% of the peak the step after)
+    c = dict(kw, schedule="cosine", warmup_end=0.1)
+    assert lr_factor(10, 0.1, **c) == pytest.approx(1.0) and lr_factor(55, 0.55, **c) == pytest.approx(0.55)
+    assert lr_factor(100, 1.0, **c) == pytest.approx(0.1)
     w = dict(kw, schedule="wsd", decay_fraction=0.2)
     assert lr_factor(20, 0.5, **w) == 1.0 and lr_factor(79, 0.79, **w) == 1.0
     assert lr_factor(90, 0.9, **w) == pytest.approx(0.55)  # halfway down the linear warmdown

@@ -338,6 +338,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.warmup_end: float | None = None  # the progress at which warmup ended, once it has
         self.ckpt_root = self.work / CHECKPOINTS
 
     # -- progress -------------------------------------------------------------------------------
@@ -354,6 +355,13 @@ class Trainer:
         if c.time_budget:
             fr.append(elapsed / c.time_budget)
         return min(1.0, max(fr))
+
+    def _sync_clock(self) -> None:
+        """Under torchrun with a time budget, one clock for all ranks (the slowest's), so they
+        follow the same learning-rate schedule and stop at the same step."""
+        if self.dist.enabled and self.cfg.time_budget:
+            clock = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
+            self.elapsed = float(self.dist.all_reduce_max(clock).item())
 
     def _stop_reason(self) -> str | None:
         c = self.cfg
@@ -411,7 +419,8 @@ class Trainer:
                 optimizer_layout="fqn" if self.sharded else "index",
                 scaler_state=self.scaler.state_dict() if self.scaler else None,
                 data_state=self.objective.state_dict(),
-                trainer_state={"tokens": self.tokens, "elapsed": self.elapsed, "precision": self.precision},
+                trainer_state={"tokens": self.tokens, "elapsed": self.elapsed, "precision": self.precision,
+                               "warmup_end": self.warmup_end},
                 rng_states=rngs,
                 keep=self.cfg.keep_checkpoints,
             )
@@ -458,6 +467,7 @@ class Trainer:
         self.objective.load_state_dict(c.data_state)
         state = c.trainer_state
         self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
+        self.warmup_end = state.get("warmup_end", 0.0)  # absent: a checkpoint from before it was kept
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         return step
@@ -564,6 +574,11 @@ class Trainer:
         resumed_at = self.resume()
         if resumed_at and self.dist.is_main:
             console.print(f"{self.title}: resumed from checkpoint step {resumed_at:,} ({self.tokens:,} tokens)")
+        if self.dist.is_main and cfg.max_steps and cfg.warmup_steps >= cfg.max_steps:
+            console.print(
+                f"[yellow]warning:[/] --warmup-steps {cfg.warmup_steps} ≥ the run's {cfg.max_steps} steps: the learning "
+                f"rate never reaches its peak and never decays; lower --warmup-steps"
+            )
         self.model.train()
         stop = self._stop_reason()
         last_val: dict[str, float] = {}
@@ -571,11 +586,14 @@ class Trainer:
         last_good = ckpt.list_checkpoints(self.ckpt_root)
         while stop is None:
             t0 = time.perf_counter()
+            if self.warmup_end is None and self.step >= cfg.warmup_steps:
+                self.warmup_end = self.progress()  # where the decay starts from the peak
             factor = lr_factor(
                 self.step,
                 self.progress(),
                 schedule=cfg.schedule,
                 warmup_steps=cfg.warmup_steps,
+                warmup_end=self.warmup_end or 0.0,
                 decay_fraction=cfg.decay_fraction,
                 min_lr_ratio=cfg.min_lr_ratio,
             )
@@ -597,12 +615,8 @@ class Trainer:
             self.elapsed += dt
             window_tokens += tokens
             window_time += dt
+            self._sync_clock()
             stop = self._stop_reason()
-            if self.dist.enabled and cfg.time_budget:  # every rank must stop at the same step
-                flag = torch.tensor([1.0 if stop else 0.0])
-                self.dist.all_reduce_max(flag)
-                if flag.item() and stop is None:
-                    stop = "time_budget"
             do_eval = cfg.eval_every and self.step % cfg.eval_every == 0 and stop is None
             rec: dict[str, Any] | None = None
             if self.step % max(cfg.log_every, 1) == 0 or self.step == 1 or stop or do_eval:
@@ -633,6 +647,8 @@ class Trainer:
                 t_ck = time.perf_counter()
                 self.save()
                 self.elapsed += time.perf_counter() - t_ck
+            if do_eval or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None):
+                self._sync_clock()
         final_val = self.evaluate(full=True)
         if final_val:
             final_rec = {"step": self.step, "tokens": self.tokens, "final": True, **final_val}

@@ -5,7 +5,8 @@ or seconds / time budget — the trainer uses the largest of the limits it was g
 by its time budget still decays its learning rate to the end. Warmup is counted in optimizer steps
 (so that it is the same whatever stops the run).
 
-* ``cosine``: linear warmup to the peak, then a half cosine from the peak down to ``min_lr_ratio``·peak.
+* ``cosine``: linear warmup to the peak, then a half cosine from the peak down to ``min_lr_ratio``·peak
+  over the rest of the run (from ``warmup_end``, the progress at which warmup ended, to 1).
 * ``wsd`` (warmup-stable-decay): linear warmup, constant at the peak, then a linear warmdown to
   ``min_lr_ratio``·peak over the last ``decay_fraction`` of the run.
 * ``constant``: linear warmup, then the peak.
@@ -26,6 +27,7 @@ def lr_factor(
     *,
     schedule: str = "cosine",
     warmup_steps: int = 0,
+    warmup_end: float = 0.0,
     decay_fraction: float = 0.2,
     min_lr_ratio: float = 0.1,
 ) -> float:
@@ -38,7 +40,8 @@ def lr_factor(
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+        q = min(max((p - warmup_end) / (1.0 - warmup_end), 0.0), 1.0) if warmup_end < 1.0 else 1.0
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * q))
     # wsd
     start = 1.0 - decay_fraction
     if p <= start or decay_fraction <= 0:
