@@ -207,6 +207,27 @@ def test_isoflop_approach2_recovers_the_exponents():
     assert a2["a"] + a2["b"] == pytest.approx(1.0, abs=1e-9)  # D = C/6N within each group
 
 
+def test_isoflop_groups_span_at_most_the_tolerance():
+    """Runs 0.04 decades apart do not chain into one group: every group's runs are within --isoflop-tol."""
+    lc = np.array([19.0, 19.04, 19.08, 19.12, 19.16, 20.0])
+    N = np.full(lc.size, 1e8)
+    p = scaling.Points(N, 10**lc / (6 * N), np.full(lc.size, 3.0), [f"p{i}" for i in range(lc.size)])
+    assert [g.tolist() for g in scaling.isoflop_groups(p, 0.05)] == [[0, 1], [2, 3], [4], [5]]
+
+
+def test_flat_or_underdetermined_points_are_flagged_not_reported_as_laws():
+    p = _isoflop()
+    flat = scaling.Points(p.N, p.D, np.full(p.N.size, 3.0), p.labels)
+    a2 = scaling.approach2(flat, tol_decades=0.05)
+    assert not a2["available"] and {g["reason"] for g in a2["groups"]} <= {"loss is flat in log N", "loss is not convex in log N"}
+    res = scaling.analyse(flat, scaling.FitConfig(bootstrap=20, budget=[1e21]))
+    assert any("losses barely vary" in n for n in res["notes"])
+    # a coefficient past the float range is inf, not an OverflowError (a degenerate bootstrap resample)
+    assert scaling.to_natural(np.array([800.0, 1.0, 0.5, 0.3, 0.3]))["A"] == math.inf
+    # a well-determined law has no notes
+    assert scaling.analyse(p, scaling.FitConfig(bootstrap=20, budget=[1e21]))["notes"] == []
+
+
 def test_approach2_unavailable_without_isoflop_groups():
     a2 = scaling.approach2(_synthetic(), tol_decades=0.001)
     assert not a2["available"] and "need 2" in a2["reason"]
@@ -329,6 +350,9 @@ def test_extra_columns_and_comments_are_accepted(tmp_path):
     got = scaling.read_csv(tmp_path / "x.csv")
     np.testing.assert_array_equal(got.N, p.N)
     np.testing.assert_array_equal(got.L, p.L)
+    # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "x.csv").read_bytes())
+    np.testing.assert_array_equal(scaling.read_csv(tmp_path / "bom.csv").N, p.N)
 
 
 def test_parse_count():

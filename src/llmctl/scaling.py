@@ -109,7 +109,7 @@ def read_csv(path: Path) -> Points:
     if not path.is_file():
         raise UsageError(f"{path}: no such CSV file; check --from-csv")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # "-sig": spreadsheets' "CSV UTF-8" begins with a BOM
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read the CSV ({e}); give a UTF-8 text file") from e
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.lstrip().startswith("#")]
@@ -377,15 +377,20 @@ def batched_lbfgs(
     return LbfgsResult(x=x, f=f, iterations=it, converged=converged, evaluations=evals)
 
 
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf  # beyond float range: a degenerate fit, not a crash
+
+
 def to_natural(theta: np.ndarray) -> dict[str, float]:
-    """(a, b, e, α, β) → {E, A, B, alpha, beta}."""
+    """(a, b, e, α, β) → {E, A, B, alpha, beta}; a coefficient past the float range is inf."""
     a, b, e, al, be = (float(v) for v in theta)
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": al, "beta": be}
+    return {"E": _exp(e), "A": _exp(a), "B": _exp(b), "alpha": al, "beta": be}
 
 
 def predict_loss(p: dict[str, float], N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
     N, D = np.asarray(N, float), np.asarray(D, float)
-    return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
+    with np.errstate(over="ignore"):  # N^α past the float range (a degenerate fit's α): its term is 0
+        return p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
 
 
 def compute_optimal(p: dict[str, float], C: float) -> dict[str, float]:
@@ -507,7 +512,8 @@ def bootstrap(
 # approach 2: IsoFLOP profiles
 # ------------------------------------------------------------------------------------------------
 def isoflop_groups(points: Points, tol_decades: float) -> list[np.ndarray]:
-    """Indices of runs grouped by compute: a new group starts where log10 C jumps by > tol.
+    """Indices of runs grouped by compute: in order of compute, a group takes the runs within
+    ``tol_decades`` of its first (lowest) one, so no two runs of a group differ by more than that.
 
     Runs whose groups are known by design (a sweep's budgets) keep those groups, ordered by compute.
     """
@@ -518,8 +524,8 @@ def isoflop_groups(points: Points, tol_decades: float) -> list[np.ndarray]:
         return sorted(idx, key=lambda i: float(np.mean(lc[i])))
     order = np.argsort(lc, kind="stable")
     groups: list[list[int]] = [[int(order[0])]]
-    for prev, cur in zip(order[:-1], order[1:], strict=True):
-        if lc[cur] - lc[prev] > tol_decades:
+    for cur in order[1:]:
+        if lc[cur] - lc[groups[-1][0]] > tol_decades:
             groups.append([])
         groups[-1].append(int(cur))
     return [np.array(g) for g in groups]
@@ -536,8 +542,12 @@ def approach2(points: Points, tol_decades: float = 0.05, min_runs: int = 3) -> d
             g["used"], g["reason"] = False, f"fewer than {min_runs} model sizes"
         else:
             c2, c1, c0 = np.polyfit(x, points.L[idx], 2)
+            half = (x.max() - x.min()) / 2
             if not c2 > 0:
                 g["used"], g["reason"] = False, "loss is not convex in log N"
+            elif c2 * half * half <= 1e-6 * float(np.mean(np.abs(points.L[idx]))):
+                # curvature of rounding noise: a flat profile has no minimum to read
+                g["used"], g["reason"] = False, "loss is flat in log N"
             else:
                 xs = -c1 / (2 * c2)
                 if not x.min() <= xs <= x.max():
@@ -600,6 +610,29 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float | None, float | 
     return float(lo), float(hi), se
 
 
+def _fit_notes(points: Points, p: dict[str, float], params: dict[str, dict[str, Any]], boot_ok: int,
+               cfg: FitConfig) -> list[str]:
+    """Warnings for a fit the points do not determine, in the words results.json and the CLI show."""
+    notes = []
+    spread = float(points.L.max() - points.L.min())
+    if spread <= 1e-3 * float(np.mean(points.L)):
+        notes.append(f"the losses barely vary (range {spread:.3g}): the points cannot determine a scaling law; "
+                     "add runs over a wider range of sizes and token counts")
+    if not (p["alpha"] > 0 and p["beta"] > 0):
+        notes.append("alpha or beta ≤ 0: loss does not fall with N or D, so there is no compute-optimal "
+                     "allocation; add runs that span more sizes and token counts")
+    if cfg.bootstrap:
+        if boot_ok < 0.9 * cfg.bootstrap:
+            notes.append(f"only {boot_ok} of {cfg.bootstrap} bootstrap resamples gave a usable fit: the law is unstable "
+                         "under resampling; treat its parameters and allocations as rough")
+        for k in ("alpha", "beta"):
+            lo, hi, v = params[k]["ci_low"], params[k]["ci_high"], params[k]["value"]
+            if lo is not None and hi - lo > abs(v):
+                notes.append(f"{k} is poorly determined ({cfg.ci:.0%} interval {lo:.3g} to {hi:.3g} around {v:.3g}), so "
+                             "is the compute-optimal allocation; add runs that vary sizes and token counts more widely")
+    return notes
+
+
 def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
     """Everything results.json holds, computed from the points."""
     if not 0 < cfg.ci < 1:
@@ -609,7 +642,8 @@ def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
     t_fit = time.perf_counter() - t0
     boots = bootstrap(points, fit, cfg.bootstrap, cfg.seed, cfg.bootstrap_starts, cfg.huber_delta, cfg.max_iter)
     t_boot = time.perf_counter() - t0 - t_fit
-    ok = np.isfinite(boots).all(axis=1)
+    # a resample whose coefficients leave the float range (A = e^800, say) is a failed fit
+    ok = np.isfinite(boots).all(axis=1) & (boots[:, :3] < 709.0).all(axis=1)
     boot_params = [to_natural(th) for th in boots[ok]]
 
     def with_ci(value: float, samples: list[float]) -> dict[str, Any]:
@@ -630,10 +664,7 @@ def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
         preds.append({"N": n, "D": d, "compute": 6 * n * d} | {
             "loss": with_ci(float(predict_loss(fit.params, n, d)), [float(predict_loss(bp, n, d)) for bp in boot_params])
         })
-    notes = []
-    if not (al > 0 and be > 0):
-        notes.append("alpha or beta ≤ 0: loss does not fall with N or D, so there is no compute-optimal "
-                     "allocation; add runs that span more sizes and token counts")
+    notes = _fit_notes(points, fit.params, params, int(ok.sum()), cfg)
     resid = np.log(predict_loss(fit.params, points.N, points.D)) - np.log(points.L)
     res = fit.result
     return {

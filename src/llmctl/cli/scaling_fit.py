@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..console import summary, table
+from ..console import console, summary, table
 from ..errors import UsageError
 from . import app
 from .common import ConfigOpt, DefaultGroup, ForceOpt, SeedOpt
@@ -129,6 +129,8 @@ def _print(res: dict[str, Any], out: Path) -> None:
              ("fit seconds", res["timing"]["fit_seconds"]), ("bootstrap seconds", res["timing"]["bootstrap_seconds"]),
              ("output", str(out))]
     summary("scaling-fit" + (" (already complete)" if res.get("done") else ""), rows)
+    for note in res["notes"]:
+        console.print(f"[yellow]warning:[/] {note}")
 
 
 @group.command("fit")
