@@ -404,6 +404,45 @@ def test_robots_rules():
     other = Robots.parse(txt, "OtherBot/2.0")
     assert not other.allows("http://h/anything") and other.delay is None
     assert Robots.parse("", "x").allows("http://h/a")
+    # a byte-order mark before the first key, and our token with a version, still name us
+    assert not Robots.parse("\ufeffUser-agent: *\nDisallow: /x\n", "llmctl-crawler/0.1").allows("http://h/x/1")
+    versioned = "User-agent: *\nAllow: /\n\nUser-agent: LLMctl-Crawler/0.1.0\nDisallow: /secret\n"
+    assert not Robots.parse(versioned, "llmctl-crawler/0.2").allows("http://h/secret")
+    assert Robots.parse(versioned, "llmctl-crawlerx/0.2").allows("http://h/secret")
+
+
+def test_pages_served_without_a_content_type_are_sniffed(tmp_path):
+    site = Site({"/robots.txt": (404, HTML, b""), "/": (200, HTML, page("/untyped", "/blob")),
+                 "/untyped": (200, {}, page("/deep.html")), "/blob": (200, {}, bytes(range(256)) * 4),
+                 "/deep.html": (200, HTML, page())})
+    try:
+        m = run(CrawlConfig(seeds=[site.base + "/"], out=tmp_path / "o", allow_private=True, delay=0))
+        assert sorted(site.paths()) == ["/", "/blob", "/deep.html", "/robots.txt", "/untyped"]
+        s = m["stats"]
+        assert s["pages"] == 3 and s["skipped"] == {"content-type": 1}  # the HTML kept (its link followed), the bytes not
+        assert {u for _, u, _, _ in read_warcs(tmp_path / "o")} >= {site.base + "/untyped", site.base + "/deep.html"}
+    finally:
+        site.close()
+
+
+def test_robots_redirect_hops_keep_the_delay_and_long_crawl_delays_skip_the_host(tmp_path):
+    txt = {"Content-Type": "text/plain"}
+    a = Site({"/robots.txt": (301, {"Location": "/r2.txt"}, b""), "/r2.txt": (302, {"Location": "/r3.txt"}, b""),
+              "/r3.txt": (200, txt, b"User-agent: *\nDisallow: /private\n"),
+              "/": (200, HTML, page("/private/x.html", "/ok.html")), "/ok.html": (200, HTML, page())})
+    b = Site({"/robots.txt": (200, txt, b"User-agent: *\nCrawl-delay: 86400\n"), "/": (200, HTML, page())})
+    try:
+        m = run(CrawlConfig(seeds=[a.base + "/", b.base + "/"], out=tmp_path / "o", allow_private=True, delay=0.2,
+                            max_crawl_delay=60))
+        t = [x for x, _ in a.log]
+        assert a.paths() == ["/robots.txt", "/r2.txt", "/r3.txt", "/", "/ok.html"]
+        assert min(y - x for x, y in zip(t, t[1:], strict=False)) >= 0.2 - 0.02  # redirect hops too
+        assert b.paths() == ["/robots.txt"]  # a day between requests: skipped, not crawled faster
+        s = m["stats"]
+        assert s["refused"] == {"robots": 1, "crawl-delay-too-long": 1} and s["pages"] == 2
+    finally:
+        a.close()
+        b.close()
 
 
 def test_link_extraction_and_scope():

@@ -49,6 +49,7 @@ def crawl_cmd(
     retries: Annotated[int, typer.Option("--retries", help="Retries after 429, 5xx or a connection error.")] = 3,
     backoff: Annotated[float, typer.Option("--backoff", help="First retry waits this many seconds, doubling each time.")] = 1.0,
     max_retry_after: Annotated[float, typer.Option("--max-retry-after", help="Cap on a server's Retry-After, seconds.")] = 60.0,
+    max_crawl_delay: Annotated[float, typer.Option("--max-crawl-delay", help="Skip hosts whose robots.txt Crawl-delay is longer than this many seconds (counted as refused: crawl-delay-too-long) rather than crawl them faster than they ask.")] = 60.0,
     max_redirects: Annotated[int, typer.Option("--max-redirects", help="Redirect hops followed from one URL.")] = 5,
     allow_private: Annotated[
         bool, typer.Option("--allow-private", help="Allow private, loopback and link-local addresses (local sites).")
@@ -69,7 +70,7 @@ def crawl_cmd(
         max_depth=max_depth, max_pages=max_pages, max_bytes=max_bytes,
         content_types=list(content_type or HTML_TYPES), user_agent=user_agent, robots=robots, delay=delay,
         per_host=per_host, concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff,
-        max_retry_after=max_retry_after, max_redirects=max_redirects, allow_private=allow_private,
+        max_retry_after=max_retry_after, max_crawl_delay=max_crawl_delay, max_redirects=max_redirects, allow_private=allow_private,
         warc_size_mb=warc_size_mb, force=force,
     )
     m = run(cfg)

@@ -62,6 +62,7 @@ from .crawl_net import (
 )
 from .crawl_store import JOURNAL, Exchange, WarcStore
 from .robots import Robots
+from .warc import looks_like_html
 
 DEFAULT_USER_AGENT = f"llmctl-crawler/{__version__} (+https://github.com/llmctl/llmctl)"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -91,6 +92,7 @@ class CrawlConfig:
     retries: int = 3
     backoff: float = 1.0
     max_retry_after: float = 60.0
+    max_crawl_delay: float = 60.0
     max_redirects: int = 5
     allow_private: bool = False
     warc_size_mb: float = 1000.0
@@ -161,6 +163,7 @@ def validate(cfg: CrawlConfig) -> None:
         ("--max-bytes", cfg.max_bytes, 0, False), ("--delay", cfg.delay, 0, True), ("--per-host", cfg.per_host, 1, True),
         ("--concurrency", cfg.concurrency, 1, True), ("--timeout", cfg.timeout, 0, False), ("--retries", cfg.retries, 0, True),
         ("--backoff", cfg.backoff, 0, True), ("--max-retry-after", cfg.max_retry_after, 0, True),
+        ("--max-crawl-delay", cfg.max_crawl_delay, 0, True),
         ("--max-redirects", cfg.max_redirects, 0, True), ("--warc-size-mb", cfg.warc_size_mb, 0, False),
     ]
     for name, value, low, inclusive in bounds:
@@ -324,6 +327,7 @@ class Crawler:
         self.bar: Any = None
         self.bar_task: Any = None
         self.failure: BaseException | None = None
+        self.stopping = False  # interrupted (Ctrl-C): start no task
 
     # -- frontier -------------------------------------------------------------------------------
     def host(self, org: str) -> _Host:
@@ -351,7 +355,7 @@ class Crawler:
                 heapq.heappush(host.heap, (d, self.seq, u))
                 self.seq += 1
                 self.pending += 1
-                if host.task is None and self.failure is None:
+                if host.task is None and self.running:
                     host.task = self.loop.create_task(self.host_loop(host))
 
     def absorb(self, e: dict[str, Any], live: bool) -> None:
@@ -404,6 +408,9 @@ class Crawler:
         else:
             host.robots = Robots.disallowing_all()
             host.refused = "robots-unreachable"
+        if (host.robots.delay or 0.0) > self.cfg.max_crawl_delay:
+            # crawling it faster than it asks would be rude, as slowly as it asks may take days
+            host.refused = "crawl-delay-too-long"
         host.delay = max(self.cfg.delay, host.robots.delay or 0.0)
 
     # -- scheduling -----------------------------------------------------------------------------
@@ -468,7 +475,7 @@ class Crawler:
                     self.global_slots.release()
                     self.backlog.release()
                     continue
-                if self.failure is not None:  # stopping: start nothing new
+                if not self.running:  # failed or interrupted: start nothing new
                     host.slots.release()
                     self.global_slots.release()
                     self.backlog.release()
@@ -486,11 +493,16 @@ class Crawler:
             host.task = None
             self._check_idle()
 
+    @property
+    def running(self) -> bool:
+        """New tasks may start: nothing failed and no interrupt is stopping the crawl."""
+        return self.failure is None and not self.stopping
+
     def _free_turn(self, host: _Host) -> None:
         """The request is over (its response read): give back its host and global slots."""
         host.slots.release()
         self.global_slots.release()
-        if host.heap and host.task is None and self.failure is None:
+        if host.heap and host.task is None and self.running:
             host.task = self.loop.create_task(self.host_loop(host))
 
     def _released(self, host: _Host):
@@ -501,7 +513,7 @@ class Crawler:
             if not t.cancelled() and t.exception() is not None:
                 self.failure = t.exception()
                 self.idle.set()
-            if host.heap and host.task is None and self.failure is None:
+            if host.heap and host.task is None and self.running:
                 host.task = self.loop.create_task(self.host_loop(host))
             self._check_idle()
 
@@ -510,6 +522,12 @@ class Crawler:
     def _check_idle(self) -> None:
         if self.pending <= 0 and not any(h.task for h in self.hosts.values()):
             self.idle.set()
+
+    @property
+    def _sniffs_html(self) -> bool:
+        """A 2xx response without a Content-Type is kept when it looks like HTML and HTML is kept
+        (as browsers and ``llmctl extract`` sniff it)."""
+        return any(self._keep(t) for t in HTML_TYPES)
 
     def _keep(self, content_type: str) -> bool:
         mime = _mime(content_type)
@@ -529,6 +547,8 @@ class Crawler:
                 raise _Failure(f"http-{status}", True, _retry_after(resp.header("Retry-After")))
             ctype = resp.header("Content-Type") or ""
             if not keep_any and 200 <= status < 300 and not self._keep(ctype):
+                if not ctype.strip() and self._sniffs_html:
+                    return self.cfg.max_bytes  # no type given: read it and look (below)
                 skip = _Skip("content-type", _mime(ctype) or "none", status)
                 return None
             return self.cfg.max_bytes
@@ -539,6 +559,9 @@ class Crawler:
             raise _Failure(e.reason, e.retryable) from e
         if skip is not None:
             return skip
+        if (not keep_any and 200 <= resp.status < 300 and not (resp.header("Content-Type") or "").strip()
+                and not looks_like_html(body)):
+            return _Skip("content-type", "none", resp.status)
         return Exchange(
             url=url,
             started=started,
@@ -583,6 +606,7 @@ class Crawler:
         exchanges: list[Exchange] = []
         entry: dict[str, Any] = {"kind": "robots", "host": host.origin, "url": url}
         retries = 0
+        held = True  # a global slot (and the host's turn)
         try:
             target = url
             for _ in range(5 + 1):  # RFC 9309: follow at least five redirects
@@ -604,8 +628,13 @@ class Crawler:
                         entry["body"] = res.body.decode("utf-8", errors="replace")
                     break
                 target = nxt
+                self.global_slots.release()  # the next hop waits for the host's delay like any request
+                held = False
+                await self._take_turn(host)
+                held = True
         finally:
-            self.global_slots.release()
+            if held:
+                self.global_slots.release()
         entry["retries"] = retries
         self.store.record(entry, exchanges)
         self.absorb(entry, live=True)
@@ -634,7 +663,7 @@ class Crawler:
             ctype = hdrs.get("content-type", "")
             if res.status in REDIRECT_STATUSES and hdrs.get("location"):
                 self._redirect(entry, url, depth, hdrs["location"])
-            elif 200 <= res.status < 300 and _mime(ctype) in HTML_TYPES:
+            elif 200 <= res.status < 300 and (_mime(ctype) in HTML_TYPES or (not ctype.strip() and looks_like_html(res.body))):
                 prepare = partial(links_fields, res.body, url, ctype, self.scope)
         if prepare is None:
             self.store.record(entry, exchanges)
@@ -686,6 +715,12 @@ class Crawler:
         entry["redirect"] = target
 
     # -- the run --------------------------------------------------------------------------------
+    async def _stop_tasks(self) -> None:
+        tasks = [*self.tasks, *(h.task for h in self.hosts.values() if h.task)]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def crawl(self, replayed: list[dict[str, Any]]) -> None:
         for e in replayed:
             self.absorb(e, live=False)
@@ -707,11 +742,12 @@ class Crawler:
                 self._check_idle()
                 await self.idle.wait()
                 if self.failure is not None:  # stop everything, collecting what it raised
-                    tasks = [*self.tasks, *(h.task for h in self.hosts.values() if h.task)]
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                    await self._stop_tasks()
                     raise self.failure
+            except asyncio.CancelledError:  # interrupted: end every task here, none left pending
+                self.stopping = True
+                await self._stop_tasks()
+                raise
             finally:
                 self.http.close()
             task = bar.tasks[0]

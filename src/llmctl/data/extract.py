@@ -47,7 +47,7 @@ from ..artifacts import StageRun
 from ..errors import StageError, UsageError
 from . import docs as docs_mod
 from .urls import host_of, registered_domain
-from .warc import Problem, Record, iter_records, parse_http_response, parse_warc_date, sniff
+from .warc import Problem, Record, iter_records, looks_like_html, parse_http_response, parse_warc_date, sniff
 
 STAGE = "extract"
 STATS_KEY = b"llmctl.extract.stats"
@@ -132,7 +132,6 @@ def resolve_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 _META_CHARSET = re.compile(rb"""<meta[^>]{0,512}?charset\s*=\s*["']?\s*([a-zA-Z0-9_:.+-]{1,40})""", re.I)
 _CT_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([a-zA-Z0-9_:.+-]{1,40})""", re.I)
-_SNIFF_HTML = re.compile(rb"<(!doctype\s+html|html|head|body|title|meta|div|p)[\s>]", re.I)
 #: labels browsers decode with a superset (WHATWG Encoding Standard)
 _SUPERSETS = {
     "ascii": "cp1252", "latin_1": "cp1252", "iso8859_1": "cp1252", "cp1252": "cp1252",
@@ -226,10 +225,6 @@ def decode_html(body: bytes, declared: str | None) -> tuple[str, str, str] | Non
         if text.count("\ufffd") <= MAX_REPLACED * max(1, len(text)):
             return text, codec, source
     return None
-
-
-def looks_like_html(body: bytes) -> bool:
-    return _SNIFF_HTML.search(body[:2048]) is not None
 
 
 _WS = re.compile(r"\s+")

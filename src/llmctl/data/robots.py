@@ -2,8 +2,8 @@
 
 Written here rather than taken from ``urllib.robotparser`` because that one applies the first
 matching rule instead of the longest, ignores ``*`` and ``$`` in paths and accepts only whole
-seconds in Crawl-delay. Rules: the group naming our product token (case-insensitive) wins over
-``*``; within a group the longest matching path wins and Allow wins a tie; ``/robots.txt`` is always
+seconds in Crawl-delay. Rules: the group naming our product token (case-insensitive, with or
+without a version: ``llmctl-crawler/0.1`` names it too) wins over ``*``; within a group the longest matching path wins and Allow wins a tie; ``/robots.txt`` is always
 allowed. A robots.txt that answers 4xx allows everything; one that cannot be fetched (5xx,
 connection errors) disallows everything, as RFC 9309 section 2.3.1 says.
 """
@@ -64,7 +64,7 @@ class Robots:
         groups: list[_Group] = []
         current: _Group | None = None
         last_was_agent = False
-        for raw in text[:_MAX_BYTES].splitlines():
+        for raw in text[:_MAX_BYTES].lstrip("\ufeff").splitlines():  # a byte-order mark is no part of a key
             line = raw.split("#", 1)[0].strip()
             if ":" not in line:
                 continue
@@ -91,7 +91,7 @@ class Robots:
                     continue
                 if d >= 0:
                     current.delay = d
-        mine = [g for g in groups if any(a != "*" and a == token for a in g.agents)]
+        mine = [g for g in groups if any(a != "*" and re.split(r"[/\s]", a, maxsplit=1)[0] == token for a in g.agents)]
         if not mine:
             mine = [g for g in groups if "*" in g.agents]
         # RFC 9309: several groups for the same agent are merged

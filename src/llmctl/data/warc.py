@@ -338,6 +338,14 @@ def _open(path: Path):
     return open(path, "rb", buffering=0)
 
 
+_SNIFF_HTML = re.compile(rb"<(!doctype\s+html|html|head|body|title|meta|div|p)[\s>]", re.I)
+
+
+def looks_like_html(body: bytes) -> bool:
+    """Whether a payload served without a (truthful) Content-Type starts like an HTML page."""
+    return _SNIFF_HTML.search(body[:2048]) is not None
+
+
 def sniff(path: Path) -> str | None:
     """'warc' or 'arc' if the file starts like one (after gzip), else None. Never raises on content."""
     with _open(path) as fh:
