@@ -61,8 +61,10 @@ def test_input_fingerprints_and_wrong_kind(tmp_path):
     run = StageRun.open(out, "filter", {}, [src])
     assert run.inputs[0]["fingerprint"].startswith("manifest:")
     run.finish({})
-    with pytest.raises(UsageError, match="'filter' artifact"):
+    with pytest.raises(UsageError, match="is a 'filter' artifact, but this stage needs extract output"):
         require_artifact(out, ["extract"])
+    with pytest.raises(UsageError, match="is an 'extract' artifact, but this stage needs filter output"):
+        require_artifact(src, ["filter"])
     with pytest.raises(UsageError, match="holds a 'filter' artifact"):
         StageRun.open(out, "extract", {}, ())
 

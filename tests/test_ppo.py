@@ -223,7 +223,7 @@ def test_cli_ppo_bad_input(yes_no, tmp_path, capsys, spm_model):
 
     base = [yes_no["sft"], yes_no["prompts"], "--out", tmp_path / "o"]
     code, err = run("ppo", *base, "--reward", yes_no["sft"])
-    assert code == 2 and "is a 'sft' artifact, but this stage needs reward output" in err
+    assert code == 2 and "is an 'sft' artifact, but this stage needs reward output" in err
     code, err = run("ppo", *base, "--reward", yes_no["rm"], "--rollout-batch", "10", "--micro-batch", "4")
     assert code == 2 and "--rollout-batch 10 is not a multiple of the 4 replies" in err
     code, err = run("eval", yes_no["sft"], "--task", f"judge:{yes_no['prompts']}", "--out", tmp_path / "e")

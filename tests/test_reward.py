@@ -116,6 +116,8 @@ def test_cli_reward_learns_a_preference_that_holds_out(base_run, tmp_path, one_t
 
     with pytest.raises(UsageError, match=r"is a reward model \(LlamaForSequenceClassification\), not a language model"):
         run_generate(GenerateConfig(run=str(tmp_path / "hf"), prompt="Hi", device="cpu"))
+    with pytest.raises(UsageError, match=r"is a reward model \(llmctl reward run\), not a language model"):
+        run_generate(GenerateConfig(run=str(out), prompt="Hi", device="cpu"))  # the run itself, as its export
 
 
 def test_cli_reward_bad_input(base_run, tmp_path, capsys):

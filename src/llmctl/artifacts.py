@@ -130,13 +130,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
+def a_stage(stage: Any) -> str:
+    """"a 'pretrain' artifact", "an 'export' artifact": a stage name with its article, for messages."""
+    name = str(stage)
+    vowel_sound = name[:1].lower() in "aeiou" or name == "sft"  # "an S-F-T"
+    return f"{'an' if vowel_sound else 'a'} '{name}' artifact"
+
+
 def require_artifact(path: Path, stages: Iterable[str]) -> dict[str, Any]:
     """Read an input artifact and check it is of a kind this stage accepts."""
     stages = tuple(stages)
     m = read_manifest(path)
     if m.get("stage") not in stages:
         want = " or ".join(stages)
-        raise UsageError(f"{path}: is a '{m.get('stage')}' artifact, but this stage needs {want} output")
+        raise UsageError(f"{path}: is {a_stage(m.get('stage'))}, but this stage needs {want} output")
     return m
 
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import MANIFEST, StageRun, read_manifest, write_json_atomic
+from .artifacts import MANIFEST, StageRun, a_stage, read_manifest, write_json_atomic
 from .console import console, progress
 from .errors import StageError, UsageError
 
@@ -717,7 +717,7 @@ def encode(cfg: EncodeConfig, force: bool = False) -> dict[str, Any]:
     if tok_dir.is_dir() and (tok_dir / MANIFEST).is_file():
         st = read_manifest(tok_dir).get("stage")
         if st not in (TRAIN_STAGE, ENCODE_STAGE):
-            raise UsageError(f"{tok_dir}: is a '{st}' artifact; pass the output of llmctl tokenize train")
+            raise UsageError(f"{tok_dir}: is {a_stage(st)}; pass the output of llmctl tokenize train")
     tok = Tokenizer(tok_path)
     if tok.bos_id < 0 or tok.eos_id < 0:
         raise UsageError(f"{tok_path}: the tokenizer has no BOS/EOS ids; train it with llmctl tokenize train")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..artifacts import MANIFEST, read_manifest
+from ..artifacts import MANIFEST, a_stage, read_manifest
 from ..errors import UsageError
 
 BASE_FIELDS = [
@@ -80,7 +80,7 @@ def list_shards(path: Path, prefix: str = SHARD_PREFIX) -> list[Path]:
         m = read_manifest(path)
         if m.get("stage") not in DOC_STAGES:
             raise UsageError(
-                f"{path}: is a '{m.get('stage')}' artifact, not documents; pass the output of "
+                f"{path}: is {a_stage(m.get('stage'))}, not documents; pass the output of "
                 f"{'/'.join(DOC_STAGES)}"
             )
         shards = sorted(path.glob(f"{prefix}-*.parquet"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import read_manifest
+from ..artifacts import a_stage, read_manifest
 from ..data.docs import DOC_STAGES
 from ..errors import UsageError
 from ..tokenizer import ENCODE_STAGE
@@ -43,7 +43,7 @@ def iter_training_texts(path: Path) -> Iterator[str]:
     stage = read_manifest(path).get("stage") if (path / "manifest.json").is_file() else None
     if stage is not None and stage not in TEXT_STAGES:
         raise UsageError(
-            f"--contamination {path}: is a '{stage}' artifact; give the training data: a docs or tokens artifact, "
+            f"--contamination {path}: is {a_stage(stage)}; give the training data: a docs or tokens artifact, "
             "or Parquet, .txt or .jsonl files"
         )
     n = 0

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import MANIFEST, StageRun, read_manifest, write_json_atomic
+from ..artifacts import MANIFEST, StageRun, a_stage, read_manifest, write_json_atomic
 from ..chat import hf_chat_template
 from ..console import console
 from ..errors import StageError, UsageError
@@ -301,7 +301,7 @@ def export_hf(cfg: ExportConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run)
     m = read_manifest(run_dir)
     if m.get("stage") not in RUN_STAGES:
-        raise UsageError(f"{run_dir}: is a '{m.get('stage')}' artifact; export needs a model run ({', '.join(RUN_STAGES)})")
+        raise UsageError(f"{run_dir}: is {a_stage(m.get('stage'))}; export needs a model run ({', '.join(RUN_STAGES)})")
     spm_path = run_dir / TOKENIZER
     if not spm_path.is_file():
         raise UsageError(f"{run_dir}: has no {TOKENIZER}; export needs the run's tokenizer")
@@ -573,6 +573,12 @@ def load_any(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tran
     if is_hf_dir(path):
         model, tok, _ = load_hf(path, device)
         return model, tok
+    if (path / "manifest.json").is_file() and read_manifest(path).get("stage") == "reward":
+        # its backbone carries an LM head that reward training never trained
+        raise UsageError(
+            f"{path}: is a reward model (llmctl reward run), not a language model; generate and eval need a "
+            "causal LM (a reward run serves as eval's --judge)"
+        )
     model, _ = load_model(path, device)
     if not (path / TOKENIZER).is_file():
         raise UsageError(f"{path}: has no {TOKENIZER}; the run is missing its tokenizer")

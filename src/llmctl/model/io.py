@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import read_manifest
+from ..artifacts import a_stage, read_manifest
 from ..errors import UsageError
 from .config import ModelConfig
 from .transformer import Transformer
@@ -63,7 +63,7 @@ def load_model(run: Path, device: str | torch.device = "cpu") -> tuple[Transform
     run = Path(run)
     m = read_manifest(run)
     if m.get("stage") not in RUN_STAGES:
-        raise UsageError(f"{run}: is a '{m.get('stage')}' artifact, not a model run ({', '.join(RUN_STAGES)})")
+        raise UsageError(f"{run}: is {a_stage(m.get('stage'))}, not a model run ({', '.join(RUN_STAGES)})")
     config = read_run_config(run)
     model = Transformer(ModelConfig.from_dict(config["model"]))
     load_weights(model, run / WEIGHTS)
