@@ -3,6 +3,7 @@ logistic regression on tanh of the standardised length difference), and the judg
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import random
@@ -55,3 +56,8 @@ def test_judge_items_and_bad_records(tmp_path):
     task = load_task(f"judge:{f}")
     assert task.kind == "judge" and [(i.instruction, i.reference) for i in task.items] == [("Name a colour.", "Blue."), ("Say hi.", "Hi!")]
     assert task.skipped == {"no_reference": 1, "no_instruction": 1, "bad_json": 1}
+    # gzip-compressed, with a line that is not UTF-8: counted, not fatal
+    gz = tmp_path / "alpaca-style.jsonl.gz"
+    gz.write_bytes(gzip.compress(f.read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n'))
+    task = load_task(f"judge:{gz}")
+    assert len(task.items) == 2 and task.skipped == {"no_reference": 1, "no_instruction": 1, "bad_json": 1, "not_utf8": 1}

@@ -185,6 +185,23 @@ def test_cli_ppo_moves_the_policy_to_the_rewarded_reply(yes_no, tmp_path, one_th
             assert res["win_rate"]["value"] > 0.7 and all(i["model_first"] for i in items)
         else:  # an LM judge sees the pair in a drawn order
             assert {i["model_first"] for i in items} == {True, False}
+    # longer than the context (128): an instruction (its answer's prompt and its judging), a reference
+    # (its judging). --truncate left cuts and counts them; --truncate skip leaves them out, counted
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"instruction": "Say yes. " * 100, "output": "no"}) + "\n"
+                    + json.dumps({"instruction": QUESTIONS[0], "output": "no " * 300}) + "\n", encoding="utf-8")
+    for judge in (yes_no["rm"], yes_no["sft"]):
+        for mode in ("left", "skip"):
+            ev = tmp_path / f"long-{judge.name}-{mode}"
+            assert cli("eval", out, "--task", f"judge:{long}", "--judge", judge, "--chat", "--reply-tokens", "8",
+                       "--truncate", mode, "--out", ev) == 0
+            res = json.loads((ev / "results.json").read_text())
+            if mode == "left":
+                wr = next(r for r in res["results"] if r["metric"] == "win_rate")
+                assert wr["n"] == 2 and wr["settings"]["truncated"] == {"answer": 1, "judge": 2}, (judge, wr)
+            else:
+                skipped = json.loads((ev / "manifest.json").read_text())["stats"]["skipped"]
+                assert skipped["long"] == {"answer:longer_than_context": 1, "judge:longer_than_context": 1}
 
 
 def _trainer(yes_no, work: Path, max_steps: int) -> Trainer:

@@ -50,40 +50,74 @@ class JudgeItem:
         return self.instruction
 
 
-Judge = Callable[[list[tuple[str, str, str]]], list[float]]  # (instruction, answer, other) → p(answer better)
+#: (instruction, answer, other) per pair → (p(answer better), whether the judge's input was cut to
+#: fit its context) per pair; p is None where it did not fit and ``truncate`` is "skip"
+Judge = Callable[[list[tuple[str, str, str]]], list[tuple[float | None, bool]]]
 
 
-def answers(model, tok, items: Sequence[JudgeItem], chat: ChatFormat | None, max_new_tokens: int, bos: bool) -> list[str]:
-    """The model's greedy answer to each instruction (a user turn of ``chat``, else plain text)."""
-    prompts = [chat.prompt(it.instruction) if chat is not None else encode_prompt(tok, it.instruction, bos) for it in items]
+def answer_prompt(tok, item: JudgeItem, chat: ChatFormat | None, bos: bool) -> list[int]:
+    """The prompt the model answers: the instruction as a user turn of ``chat``, else plain text."""
+    return chat.prompt(item.instruction) if chat is not None else encode_prompt(tok, item.instruction, bos)
+
+
+def answers(model, tok, prompts: Sequence[list[int]], chat: ChatFormat | None, max_new_tokens: int) -> list[str]:
+    """The model's greedy answer to each prompt (``answer_prompt``)."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=chat.stop_ids if chat is not None else ())
-    return [c.text.strip() for c in generate(model, tok, prompts, params)]
+    return [c.text.strip() for c in generate(model, tok, list(prompts), params)]
 
 
-def reward_judge(run: Path, device: torch.device) -> Judge:
+def _fit_texts(tok, texts: Sequence[str], budget: int) -> list[str]:
+    """Cut the longest of ``texts`` (from their ends) until their tokens sum to at most ``budget``:
+    every text keeps min(its length, c) tokens for the largest such cap c."""
+    ids = [tok.encode(t) for t in texts]
+    lens = sorted(len(x) for x in ids)
+    cap, used = 0, 0
+    for i, n in enumerate(lens):  # raise the cap through the sorted lengths while it fits
+        left = len(lens) - i
+        if used + n * left > budget:
+            cap = (budget - used) // left
+            break
+        used += n
+        cap = n
+    return [t if len(x) <= cap else tok.decode(x[: max(cap, 0)]) for t, x in zip(texts, ids, strict=True)]
+
+
+def reward_judge(run: Path, device: torch.device, truncate: str = "left") -> Judge:
+    """Score each answer as the reply to the instruction. A conversation longer than the reward
+    model's context loses the start of its instruction (``truncate`` "left"; the reply, read at
+    its EOS, is kept whole where it fits) or is not judged ("skip")."""
     from ..model.reward import load_reward_model, score_sequences
     from ..tokenizer import load_tokenizer
 
     rm, head, _ = load_reward_model(run, device)
     tok = load_tokenizer(Path(run) / "tokenizer.model")
+    ctx = rm.cfg.max_seq_len
 
-    def prefer(pairs: list[tuple[str, str, str]]) -> list[float]:
+    def prefer(pairs: list[tuple[str, str, str]]) -> list[tuple[float | None, bool]]:
         convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a or " "}] for q, x, y in pairs for a in (x, y)]
         seqs = []
         for ct in encode_chats(tok, convs):
             ids = getattr(ct, "ids", None)
             if ids is None:
                 raise UsageError("the reward judge's tokenizer cannot encode an answer in its chat format")
-            seqs.append(ids[-rm.cfg.max_seq_len :])
-        r = score_sequences(rm, head, seqs, tok.pad_id)
-        return [1.0 / (1.0 + math.exp(-(r[2 * k] - r[2 * k + 1]))) for k in range(len(pairs))]
+            seqs.append(ids)
+        cut = [len(seqs[2 * k]) > ctx or len(seqs[2 * k + 1]) > ctx for k in range(len(pairs))]
+        keep = [k for k in range(len(pairs)) if truncate == "left" or not cut[k]]
+        r = score_sequences(rm, head, [seqs[2 * k + j][-ctx:] for k in keep for j in (0, 1)], tok.pad_id) if keep else []
+        out: list[tuple[float | None, bool]] = [(None, c) for c in cut]
+        for i, k in enumerate(keep):
+            out[k] = (1.0 / (1.0 + math.exp(-(r[2 * i] - r[2 * i + 1]))), cut[k])
+        return out
 
     return prefer
 
 
-def lm_judge(model, tok, where: object) -> Judge:
+def lm_judge(model, tok, where: object, truncate: str = "left") -> Judge:
     """Ask ``model`` (at ``where``) which of two responses is better; p("A") among {"A", "B"} at the
-    next token: in its chat format where it has one, else as text ending in "Answer:"."""
+    next token: in its chat format where it has one, else as text ending in "Answer:". A question
+    longer than the judge's context keeps its frame (the question, both labels, "Answer with A or
+    B"): the longest of instruction and responses are cut from their ends until it fits
+    (``truncate`` "left"), or the pair is not judged ("skip")."""
     try:
         chat: ChatFormat | None = chat_format(tok, where)
     except UsageError:
@@ -95,14 +129,28 @@ def lm_judge(model, tok, where: object) -> Judge:
     device = model.embed_tokens.weight.device
     ctx = model.cfg.max_seq_len
 
+    def encode(q: str, a: str, b: str) -> list[int]:
+        text = JUDGE_QUESTION.format(instruction=q, a=a, b=b)
+        return chat.prompt(text) if chat is not None else encode_prompt(tok, text + "\nAnswer:", True)
+
+    frame = len(encode("", "", ""))
+
     @torch.no_grad()
-    def prefer(pairs: list[tuple[str, str, str]]) -> list[float]:
-        out = []
+    def prefer(pairs: list[tuple[str, str, str]]) -> list[tuple[float | None, bool]]:
+        out: list[tuple[float | None, bool]] = []
         for q, a, b in pairs:
-            text = JUDGE_QUESTION.format(instruction=q, a=a, b=b)
-            ids = (chat.prompt(text) if chat is not None else encode_prompt(tok, text + "\nAnswer:", True))[-ctx:]
+            ids = encode(q, a, b)
+            cut = len(ids) > ctx
+            if cut and truncate != "left":
+                out.append((None, True))
+                continue
+            budget = ctx - frame
+            while len(ids) > ctx and budget > 0:  # re-encoding at the joins can add a token or two
+                ids = encode(*_fit_texts(tok, (q, a, b), budget))
+                budget -= max(len(ids) - ctx, 1)
+            ids = ids[-ctx:]
             logits = model(torch.tensor([ids], device=device))[0, -1].float()
-            out.append(float(torch.softmax(logits[[a_id, b_id]], -1)[0]))
+            out.append((float(torch.softmax(logits[[a_id, b_id]], -1)[0]), cut))
         return out
 
     return prefer
@@ -149,9 +197,14 @@ def judge_items(judge: Judge, items: Sequence[JudgeItem], outputs: Sequence[str]
     firsts = [symmetric or random.Random(f"{seed}/{it.id}").random() < 0.5 for it in items]
     pairs = [(it.instruction, o, it.reference) if first else (it.instruction, it.reference, o)
              for it, o, first in zip(items, outputs, firsts, strict=True)]
-    p_first = judge(pairs)
-    return [
-        {"id": it.id, "output": o, "reference": it.reference, "model_first": first,
-         "preference": p if first else 1.0 - p, "length": len(o), "reference_length": len(it.reference)}
-        for it, o, first, p in zip(items, outputs, firsts, p_first, strict=True)
-    ]
+    rows = []
+    for it, o, first, (p, cut) in zip(items, outputs, firsts, judge(pairs), strict=True):
+        row = {"id": it.id, "output": o, "reference": it.reference, "model_first": first,
+               "preference": None if p is None else (p if first else 1.0 - p), "length": len(o),
+               "reference_length": len(it.reference)}
+        if cut and p is None:
+            row["skip_judge"] = "longer_than_context"
+        elif cut:
+            row["truncated_judge"] = True
+        rows.append(row)
+    return rows

@@ -206,7 +206,7 @@ def _settings(cfg: EvalConfig) -> dict[str, Any]:
 
 def _task_settings(cfg: EvalConfig, r: TaskRun) -> dict[str, Any]:
     s: dict[str, Any] = {"source": r.task.source, "skipped": dict(r.task.skipped)}
-    cut = {p: n for p in ("likelihood", "generation") if (n := sum(1 for row in r.rows if row.get(f"truncated_{p}")))}
+    cut = {p: n for p in ("likelihood", "generation", "answer", "judge") if (n := sum(1 for row in r.rows if row.get(f"truncated_{p}")))}
     if cut:  # items scored with their oldest context tokens dropped (--truncate left)
         s["truncated"] = cut
     if r.task.kind == "mc":
@@ -416,23 +416,44 @@ def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None)
     is_rm = (jpath / "manifest.json").is_file() and read_manifest(jpath).get("stage") == "reward"
     device = next(model.parameters()).device
     if is_rm:
-        prefer = judge.reward_judge(jpath, device)
+        prefer = judge.reward_judge(jpath, device, cfg.truncate)
     else:
         jm, jt = (model, tok) if jpath.resolve() == Path(cfg.model).resolve() else load_any(jpath, device)
-        prefer = judge.lm_judge(jm, jt, jpath)
+        prefer = judge.lm_judge(jm, jt, jpath, cfg.truncate)
+    # the answers' prompts must leave room for --reply-tokens: cut from the left like generation
+    # multiple choice (--truncate left), or the item is skipped
+    room = model.cfg.max_seq_len - cfg.reply_tokens
+    prompts, answered, cut = [], [], set()
+    for i, it in enumerate(items):
+        ids = judge.answer_prompt(tok, it, chat, cfg.bos)
+        if len(ids) > room:
+            if cfg.truncate != "left" or room < 1:
+                r.task.skip("answer:longer_than_context")
+                continue
+            ids = ids[-room:]
+            cut.add(i)
+        prompts.append(ids)
+        answered.append(i)
     with progress() as bar:
-        job = bar.add_task(f"{r.task.name} answers", total=len(items), unit="items")
+        job = bar.add_task(f"{r.task.name} answers", total=len(prompts), unit="items")
         outputs: list[str] = []
-        for b in range(0, len(items), 16):
-            outputs += judge.answers(model, tok, items[b : b + 16], chat, cfg.reply_tokens, cfg.bos)
-            bar.advance(job, len(items[b : b + 16]))
-    rows = judge.judge_items(prefer, items, outputs, cfg.seed, symmetric=is_rm)
+        for b in range(0, len(prompts), 16):
+            outputs += judge.answers(model, tok, prompts[b : b + 16], chat, cfg.reply_tokens)
+            bar.advance(job, len(prompts[b : b + 16]))
+    rows = judge.judge_items(prefer, [items[i] for i in answered], outputs, cfg.seed, symmetric=is_rm)
     hit = getattr(r.task, "items_contaminated", None)
-    if hit is not None:
-        for row, h in zip(rows, hit, strict=True):
-            row["contaminated"] = h
-    pref = [row["preference"] for row in rows]
-    lens, ref_lens = [row["length"] for row in rows], [row["reference_length"] for row in rows]
+    for i, row in zip(answered, rows, strict=True):
+        if i in cut:
+            row["truncated_answer"] = True
+        if hit is not None:
+            row["contaminated"] = hit[i]
+    _skips(r.task, rows, "skip_judge")
+    scored = [row for row in rows if row["preference"] is not None]
+    pref = [row["preference"] for row in scored]
+    lens, ref_lens = [row["length"] for row in scored], [row["reference_length"] for row in scored]
+    r.rows = rows
+    if not scored:  # every item skipped: no metrics (the run warns that the task scored nothing)
+        return
     lc, lc_se = judge.lc_win_rate(pref, lens, ref_lens, cfg.seed)
     proto = "reward" if is_rm else "lm-judge"
     r.metrics += [

@@ -11,6 +11,7 @@ reason; a file that yields no usable item at all is a usage error.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import string
 import tomllib
@@ -107,14 +108,20 @@ def load_task(spec: str) -> Task:
 
 
 def _read_jsonl(path: Path, task: Task) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each usable line of a JSON Lines file (.gz too); a line that is
+    not UTF-8, not JSON or not an object is counted in the task's skips, not fatal."""
     rows = []
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f):
-                if not line.strip():
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f):
+                if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    task.skip("not_utf8")
+                    continue
                 except ValueError:
                     task.skip("bad_json")
                     continue
@@ -122,8 +129,8 @@ def _read_jsonl(path: Path, task: Task) -> list[tuple[int, dict[str, Any]]]:
                     task.skip("not_an_object")
                     continue
                 rows.append((n, obj))
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason}); give a UTF-8 JSONL file") from e
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UsageError(f"{path}: unreadable ({e}); give a JSON Lines file, plain or .gz") from e
     return rows
 
 
