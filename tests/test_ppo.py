@@ -98,6 +98,9 @@ def test_prompts_from_every_layout(tmp_path):
         {"prompt": "Hi", "completion": "ignored"},
         {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]},
         {"chosen": "\n\nHuman: Q?\n\nAssistant: yes", "rejected": "\n\nHuman: Q?\n\nAssistant: no"},
+        # pairs no preference stage could use are still prompts: equal replies, an empty one
+        {"chosen": "\n\nHuman: R?\n\nAssistant: same", "rejected": "\n\nHuman: R?\n\nAssistant: same"},
+        {"chosen": "\n\nHuman: S?\n\nAssistant:", "rejected": "\n\nHuman: S?\n\nAssistant: no"},
         {"instruction": "Add.", "instances": [{"input": "1 2", "output": "3"}, {"input": "3 4", "output": "7"}]},
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
         {"prompt": "   "},
@@ -107,7 +110,7 @@ def test_prompts_from_every_layout(tmp_path):
     bad: dict[str, int] = {}
     got = load_prompts([txt, recs], bad)
     last_user = [p[-1]["content"] for p in got]
-    assert last_user == ["What is 2 + 2?", "Name a colour.", "Hi", "c", "Q?", "Add.\n\n1 2", "Add.\n\n3 4", "x"]
+    assert last_user == ["What is 2 + 2?", "Name a colour.", "Hi", "c", "Q?", "R?", "S?", "Add.\n\n1 2", "Add.\n\n3 4", "x"]
     assert len(got[3]) == 3  # earlier turns stay as context
     assert bad == {"bad_json": 1, "empty_prompt": 1, "prompt_ends_with_reply": 1, "unknown_layout": 1}
     with pytest.raises(BadRecord, match="not_text"):

@@ -288,7 +288,7 @@ def to_prompts(rec: Any) -> list[list[Message]]:
     """The prompts in one record, each as messages ending in a user (or system) turn, for a stage
     that writes its own replies (ppo): a plain string (one user turn); ``{"prompt"}`` as text or
     messages (other fields such as ``completion`` or ``chosen`` are ignored); an HH-RLHF
-    ``{"chosen", "rejected"}`` dialogue pair (the shared prompt); or any ``to_messages`` layout,
+    ``{"chosen", "rejected"}`` dialogue pair (the chosen dialogue before its last reply); or any ``to_messages`` layout,
     each conversation cut before its last assistant reply. Raises ``BadRecord`` naming why not."""
     if isinstance(rec, str):
         rec = {"prompt": rec}
@@ -300,7 +300,10 @@ def to_prompts(rec: Any) -> list[list[Message]]:
             msgs.insert(0, {"role": "system", "content": system})
         convs = [msgs]
     elif isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
-        convs = [to_preference(rec)[0]]
+        # the chosen dialogue before its last reply: the replies themselves (empty, equal, or
+        # after a context the rejected side words differently) do not matter to a prompt
+        c = parse_hh(_text(rec["chosen"], "reply_not_text"))
+        convs = [c[:-1] if c and c[-1]["role"] == "assistant" else c]
     else:
         convs = [c[: max(k for k, m in enumerate(c) if m["role"] == "assistant")] for c in to_messages(rec)]
     for msgs in convs:
