@@ -215,6 +215,17 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     assert "RuntimeError" not in p.err and "Connection closed" not in p.err, p.err[-2000:]
 
 
+def test_logged_loss_is_the_mean_over_the_steps_since_the_last_record(data, tmp_path):
+    from llmctl.train.pretrain import run
+
+    run(_cfg(data["tokens"], tmp_path / "every", max_steps=6, log_every=1))
+    run(_cfg(data["tokens"], tmp_path / "third", max_steps=6, log_every=3))
+    each, every3 = _losses(tmp_path / "every"), _losses(tmp_path / "third")
+    assert sorted(every3) == [1, 3, 6]  # step 1 always, then every 3rd
+    assert every3[1] == pytest.approx(each[1])
+    assert every3[3] == pytest.approx((each[2] + each[3]) / 2) and every3[6] == pytest.approx(sum(each[k] for k in (4, 5, 6)) / 3)
+
+
 def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path):
     """--fsdp under torchrun (weights, grads and AdamW state sharded over 2 gloo ranks, accumulation
     with the reduce-scatter on the last micro-batch only) trains as one process does at the same

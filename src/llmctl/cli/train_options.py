@@ -34,7 +34,7 @@ FsdpOpt = Annotated[bool, typer.Option("--fsdp/--no-fsdp", help="Under torchrun,
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel=OPT)]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Stop after this many training tokens (0 = no limit).", rich_help_panel=STOP)]
 TimeBudgetOpt = Annotated[float, typer.Option("--time-budget", help="Stop training after SECONDS of wall clock, then score the full val split (0 = no limit).", rich_help_panel=STOP)]
-LogEveryOpt = Annotated[int, typer.Option("--log-every", help="Log a metrics line every N steps.", rich_help_panel=STOP)]
+LogEveryOpt = Annotated[int, typer.Option("--log-every", help="Log a metrics line every N steps (loss, grad norm and the objective's metrics as means over those steps).", rich_help_panel=STOP)]
 EvalEveryOpt = Annotated[int, typer.Option("--eval-every", help="Val metrics every N steps (0 = only at the end).", rich_help_panel=STOP)]
 CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0 = only at the end).", rich_help_panel=STOP)]
 KeepCheckpointsOpt = Annotated[int, typer.Option("--keep-checkpoints", help="Keep the last K checkpoints.", rich_help_panel=STOP)]

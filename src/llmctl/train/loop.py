@@ -339,6 +339,9 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.warmup_end: float | None = None  # the progress at which warmup ended, once it has
+        # sums and counts of the per-step figures since the last metrics record (it logs their means)
+        self.log_sums: dict[str, float] = {}
+        self.log_counts: dict[str, int] = {}
         self.ckpt_root = self.work / CHECKPOINTS
 
     # -- progress -------------------------------------------------------------------------------
@@ -420,7 +423,7 @@ class Trainer:
                 scaler_state=self.scaler.state_dict() if self.scaler else None,
                 data_state=self.objective.state_dict(),
                 trainer_state={"tokens": self.tokens, "elapsed": self.elapsed, "precision": self.precision,
-                               "warmup_end": self.warmup_end},
+                               "warmup_end": self.warmup_end, "log_sums": self.log_sums, "log_counts": self.log_counts},
                 rng_states=rngs,
                 keep=self.cfg.keep_checkpoints,
             )
@@ -468,6 +471,7 @@ class Trainer:
         state = c.trainer_state
         self.step, self.tokens, self.elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
         self.warmup_end = state.get("warmup_end", 0.0)  # absent: a checkpoint from before it was kept
+        self.log_sums, self.log_counts = dict(state.get("log_sums", {})), dict(state.get("log_counts", {}))
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         return step
@@ -615,6 +619,9 @@ class Trainer:
             self.elapsed += dt
             window_tokens += tokens
             window_time += dt
+            for k, v in {"loss": loss, "grad_norm": gnorm, **metrics}.items():
+                self.log_sums[k] = self.log_sums.get(k, 0.0) + v
+                self.log_counts[k] = self.log_counts.get(k, 0) + 1
             self._sync_clock()
             stop = self._stop_reason()
             do_eval = cfg.eval_every and self.step % cfg.eval_every == 0 and stop is None
@@ -622,12 +629,15 @@ class Trainer:
             if self.step % max(cfg.log_every, 1) == 0 or self.step == 1 or stop or do_eval:
                 tps = window_tokens / window_time if window_time > 0 else 0.0
                 mfu = tps * self.flops_per_token / self.peak if self.peak else None
+                # loss, grad norm and the objective's metrics: means over the steps since the last record
+                means = {k: v / self.log_counts[k] for k, v in self.log_sums.items()}
                 rec = {
-                    "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                    "tokens_per_s": round(tps, 2), "mfu": None if mfu is None else round(mfu, 5),
-                    "elapsed": round(self.elapsed, 3), **metrics,
+                    "step": self.step, "tokens": self.tokens, "loss": means.pop("loss"), "lr": lr,
+                    "grad_norm": means.pop("grad_norm"), "tokens_per_s": round(tps, 2),
+                    "mfu": None if mfu is None else round(mfu, 5), "elapsed": round(self.elapsed, 3), **means,
                 }
                 window_tokens, window_time = 0, 0.0
+                self.log_sums, self.log_counts = {}, {}
             if do_eval:
                 t_eval = time.perf_counter()
                 last_val = self.evaluate(full=False)
@@ -640,8 +650,8 @@ class Trainer:
                     val = "".join(f" {k} {v:.4f}" for k, v in last_val.items()) if do_eval else ""
                     mfu_s = f" mfu {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
                     console.print(
-                        f"{self.title} step {self.step:,} tokens {self.tokens:,} loss {loss:.4f} lr {lr:.2e} "
-                        f"gnorm {gnorm:.3f} {rec['tokens_per_s']:,.0f} tok/s{mfu_s}{val}"
+                        f"{self.title} step {self.step:,} tokens {self.tokens:,} loss {rec['loss']:.4f} lr {lr:.2e} "
+                        f"gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:,.0f} tok/s{mfu_s}{val}"
                     )
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None:
                 t_ck = time.perf_counter()
