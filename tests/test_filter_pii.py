@@ -66,9 +66,15 @@ def test_phones_redacted_lookalikes_kept():
         "+12 is a number",
         "scored +3 (2) 10 2020",  # no country code 3
         "+999 123 45678 or +1 212 555 01",  # no country code 999; too short for North America
+        "Results: +46 2019 2020 2021, balance +49 1500 2300, build +44 2024.11.24",  # years, amounts, dates
     ]
     for text in keep:
         assert redact(text)[0] == text, text
+    # the ways people write international numbers: no-break spaces, dashes, a fullwidth plus, the
+    # country code in brackets, an extension (redacted with the number, not left behind)
+    for written in ("+44\u00a020\u00a07946\u00a00958", "+44–20–7946–0958", "\uff0b44 20 7946 0958",
+                    "(+44) 20 7946 0958", "+44 20 7946 0958x123", "+44 20 7946 0958 ext. 12"):
+        assert redact(f"call {written} now") == ("call <PHONE> now", {"phone": 1}), written
 
 
 def test_placeholders_and_kinds_configurable():

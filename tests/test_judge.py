@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from llmctl.eval.judge import lc_win_rate, length_controlled
+from llmctl.eval.judge import _cut_both, lc_win_rate, length_controlled
 from llmctl.eval.tasks import load_task
 
 
@@ -61,3 +61,17 @@ def test_judge_items_and_bad_records(tmp_path):
     gz.write_bytes(gzip.compress(f.read_bytes() + b'{"instruction": "caf\xe9", "output": "x"}\n'))
     task = load_task(f"judge:{gz}")
     assert len(task.items) == 2 and task.skipped == {"no_reference": 1, "no_instruction": 1, "bad_json": 1, "not_utf8": 1}
+    bom = tmp_path / "bom.jsonl"  # a byte-order mark is no part of the first record
+    bom.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    assert len(load_task(f"judge:{bom}").items) == 2
+
+
+def test_a_reward_judge_scores_both_answers_after_the_same_context():
+    prompt = list(range(100, 130))  # a long instruction both conversations share
+    a, b = prompt + [1, 2, 3], prompt + [7, 8, 9, 10, 11]
+    ca, cb = _cut_both(a, b, 20)
+    assert len(cb) == 20 and ca == a[15:] and cb == b[15:]  # the longer one's excess, from both starts
+    assert _cut_both(a, b, 40) == (a, b)
+    # a reply that alone overflows the context: each side keeps its own end (the reply is read at its EOS)
+    long = prompt + list(range(60))
+    assert _cut_both(a, long, 40) == (a[-40:], long[-40:])

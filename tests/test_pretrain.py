@@ -215,7 +215,7 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(data, tmp_
     assert "RuntimeError" not in p.err and "Connection closed" not in p.err, p.err[-2000:]
 
 
-def test_logged_loss_is_the_mean_over_the_steps_since_the_last_record(data, tmp_path):
+def test_logged_loss_is_the_mean_over_the_steps_since_the_last_record(data, tmp_path, capsys):
     from llmctl.train.pretrain import run
 
     run(_cfg(data["tokens"], tmp_path / "every", max_steps=6, log_every=1))
@@ -224,6 +224,10 @@ def test_logged_loss_is_the_mean_over_the_steps_since_the_last_record(data, tmp_
     assert sorted(every3) == [1, 3, 6]  # step 1 always, then every 3rd
     assert every3[1] == pytest.approx(each[1])
     assert every3[3] == pytest.approx((each[2] + each[3]) / 2) and every3[6] == pytest.approx(sum(each[k] for k in (4, 5, 6)) / 3)
+    # a run whose length is given in tokens (3 steps of 4 × 32) with more warmup steps than that says so
+    capsys.readouterr()
+    run(_cfg(data["tokens"], tmp_path / "short", max_tokens=3 * 4 * 32, warmup_steps=10))
+    assert "--warmup-steps 10 ≥ the run's 3 steps" in " ".join(capsys.readouterr().err.split())
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path):

@@ -293,6 +293,7 @@ BAD_CSV = [
     ("params,tokens,loss\n1e6,1e8,nan\n", "nan"),
     ("params,tokens,loss\n1e6,1e8,inf\n", "inf"),
     ("params,tokens,loss\n1e6,1e8,abc\n", "not a number"),
+    ("params,tokens,loss\n1e300,1e10,3\n", "overflows the compute 6ND"),
     ("params,tokens,loss\n1e6,1e8,3\n2e6,1e8,2.9\n3e6,1e8,2.8\n4e6,1e8,2.7\n4e6,1e8,2.71\n", "at least 5"),
     ("params,tokens,loss\n1e6,1e8\n", "fields"),
     # one tokens-per-parameter ratio (a common "scale both" series): the fit is not identified

@@ -80,6 +80,9 @@ def _check_values(where: str, values: dict[str, float]) -> None:
             raise UsageError(f"{where}: {k} is {v}; every params, tokens and loss value must be a finite number")
         if v <= 0:
             raise UsageError(f"{where}: {k} = {v:g} is not positive; params, tokens and loss must all be > 0")
+    n, d = values.get("params", values.get("non_embedding_params")), values.get("tokens", values.get("tokens_seen"))
+    if n is not None and d is not None and not math.isfinite(6.0 * n * d):
+        raise UsageError(f"{where}: params × tokens = {n:g} × {d:g} overflows the compute 6ND; check the row's units")
 
 
 def _check_enough(points: Points, source: str) -> Points:

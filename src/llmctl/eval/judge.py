@@ -82,10 +82,23 @@ def _fit_texts(tok, texts: Sequence[str], budget: int) -> list[str]:
     return [t if len(x) <= cap else tok.decode(x[: max(cap, 0)]) for t, x in zip(texts, ids, strict=True)]
 
 
+def _cut_both(a: list[int], b: list[int], ctx: int) -> tuple[list[int], list[int]]:
+    """Two conversations that share their instruction, each in at most ``ctx`` ids: the same number
+    of ids goes from the start of both (the longer one's excess), so both answers are scored after
+    the same context; only where that would cut into the shorter one's answer is each cut alone."""
+    cut = max(len(a), len(b)) - ctx
+    if cut <= 0:
+        return a, b
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    if cut <= shared:
+        return a[cut:], b[cut:]
+    return a[-ctx:], b[-ctx:]
+
+
 def reward_judge(run: Path, device: torch.device, truncate: str = "left") -> Judge:
-    """Score each answer as the reply to the instruction. A conversation longer than the reward
-    model's context loses the start of its instruction (``truncate`` "left"; the reply, read at
-    its EOS, is kept whole where it fits) or is not judged ("skip")."""
+    """Score each answer as the reply to the instruction. A pair longer than the reward model's
+    context loses the same start of the instruction on both sides (``truncate`` "left"; the
+    replies, read at their EOS, are kept whole where they fit) or is not judged ("skip")."""
     from ..model.reward import load_reward_model, score_sequences
     from ..tokenizer import load_tokenizer
 
@@ -103,7 +116,8 @@ def reward_judge(run: Path, device: torch.device, truncate: str = "left") -> Jud
             seqs.append(ids)
         cut = [len(seqs[2 * k]) > ctx or len(seqs[2 * k + 1]) > ctx for k in range(len(pairs))]
         keep = [k for k in range(len(pairs)) if truncate == "left" or not cut[k]]
-        r = score_sequences(rm, head, [seqs[2 * k + j][-ctx:] for k in keep for j in (0, 1)], tok.pad_id) if keep else []
+        r = score_sequences(rm, head, [s for k in keep for s in _cut_both(seqs[2 * k], seqs[2 * k + 1], ctx)],
+                            tok.pad_id) if keep else []
         out: list[tuple[float | None, bool]] = [(None, c) for c in cut]
         for i, k in enumerate(keep):
             out[k] = (1.0 / (1.0 + math.exp(-(r[2 * i] - r[2 * i + 1]))), cut[k])

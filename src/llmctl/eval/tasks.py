@@ -118,7 +118,7 @@ def _read_jsonl(path: Path, task: Task) -> list[tuple[int, dict[str, Any]]]:
                 if not raw.strip():
                     continue
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
+                    obj = json.loads(raw.decode("utf-8-sig"))  # "-sig": a byte-order mark is no part of the first line
                 except UnicodeDecodeError:
                     task.skip("not_utf8")
                     continue

@@ -151,7 +151,7 @@ def read_records(path: Path, bad: dict[str, int]) -> list[Any]:
                 if not raw.strip():
                     continue
                 try:
-                    records.append(json.loads(raw.decode("utf-8")))
+                    records.append(json.loads(raw.decode("utf-8-sig")))  # "-sig": a byte-order mark is no part of the first line
                 except UnicodeDecodeError:
                     count(bad, "not_utf8")
                 except ValueError:

@@ -359,6 +359,13 @@ class Trainer:
             fr.append(elapsed / c.time_budget)
         return min(1.0, max(fr))
 
+    def _warn_warmup(self, steps: int) -> None:
+        if self.dist.is_main and self.cfg.warmup_steps >= steps:
+            console.print(
+                f"[yellow]warning:[/] --warmup-steps {self.cfg.warmup_steps} ≥ the run's {steps:,} steps: the learning "
+                "rate reaches its peak at best on the last step and never decays; lower --warmup-steps"
+            )
+
     def _sync_clock(self) -> None:
         """Under torchrun with a time budget, one clock for all ranks (the slowest's), so they
         follow the same learning-rate schedule and stop at the same step."""
@@ -407,7 +414,12 @@ class Trainer:
             return self.model.state_dict() if self.dist.is_main else {}
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=_full_state_options())
+        state = get_model_state_dict(self.model, options=_full_state_options())
+        # the ranks leave the gathers together: the others return and tear down the process group
+        # next, which must not happen under collective work rank 0 still has in flight (a rank 1
+        # once died there with "terminate called without an active exception" on a loaded machine)
+        self.dist.barrier()
+        return state
 
     def save(self) -> Path | None:
         rngs = self._rng_states()
@@ -578,11 +590,8 @@ class Trainer:
         resumed_at = self.resume()
         if resumed_at and self.dist.is_main:
             console.print(f"{self.title}: resumed from checkpoint step {resumed_at:,} ({self.tokens:,} tokens)")
-        if self.dist.is_main and cfg.max_steps and cfg.warmup_steps >= cfg.max_steps:
-            console.print(
-                f"[yellow]warning:[/] --warmup-steps {cfg.warmup_steps} ≥ the run's {cfg.max_steps} steps: the learning "
-                f"rate never reaches its peak and never decays; lower --warmup-steps"
-            )
+        if cfg.max_steps:
+            self._warn_warmup(cfg.max_steps)
         self.model.train()
         stop = self._stop_reason()
         last_val: dict[str, float] = {}
@@ -623,6 +632,8 @@ class Trainer:
                 self.log_sums[k] = self.log_sums.get(k, 0.0) + v
                 self.log_counts[k] = self.log_counts.get(k, 0) + 1
             self._sync_clock()
+            if self.step == 1 and cfg.max_tokens and not cfg.max_steps:  # the step count follows from the first step
+                self._warn_warmup(math.ceil(cfg.max_tokens / max(tokens, 1)))
             stop = self._stop_reason()
             do_eval = cfg.eval_every and self.step % cfg.eval_every == 0 and stop is None
             rec: dict[str, Any] | None = None

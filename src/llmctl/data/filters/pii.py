@@ -14,9 +14,10 @@ Care goes into what only *looks* like personal data:
 - IPv6: must parse as an address and be global (so ``2001:db8::1``, ``::1``, ``fe80::…`` stay);
   clock times and MAC addresses do not parse.
 - phones: North American numbers with separators and a valid area code and exchange (first digit
-  2–9), or international numbers written with ``+`` that libphonenumber (``phonenumbers``) finds
-  possible: an assigned country code and a length that country's plan allows ("+44 20 7946 0958",
-  not "+3 (2) 10 2020", which has no country code 3). Bare digit runs (order numbers, ISBNs
+  2–9), or international numbers written with ``+`` (or "(+44)", a fullwidth plus, no-break
+  spaces, dashes, an extension) that libphonenumber (``phonenumbers``) finds valid: an assigned
+  country code and a number in an assigned range ("+44 20 7946 0958"; not "+3 (2) 10 2020", no
+  country code 3; not "+46 2019 2020 2021", years). Bare digit runs (order numbers, ISBNs
   without +, dates) are not phones.
 """
 
@@ -45,7 +46,13 @@ _NANP = re.compile(
     r"(?<![\w+.\-/])(?:\+?1[\s.-]?)?(?:\(([2-9]\d\d)\)\s?|([2-9]\d\d)[\s.-])([2-9]\d\d)[\s.-]\d{4}(?![\w]|[.-]\d)",
     re.ASCII,
 )
-_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w]|[.-]\d)", re.ASCII)
+#: separators people put in phone numbers: spaces (no-break and narrow too), dots, hyphens and dashes
+_SEP = r"[\s.\-\u00a0\u202f\u2010-\u2015]"
+_INTL = re.compile(
+    r"(?<![\w+\uff0b])\(?[+\uff0b]\d{1,3}\)?(?:" + _SEP + r"?\(?\d{1,5}\)?){2,6}"
+    r"(?:" + _SEP + r"?(?:x|ext\.?|extension)" + _SEP + r"?\d{1,6})?(?![\w]|[.-]\d)",
+    re.ASCII | re.IGNORECASE,
+)
 #: words after which a dotted quad is a version, section or similar number, not an address
 _NOT_IP_CONTEXT = re.compile(
     r"(?:version|ver|release|rel|build|rev|revision|firmware|update|patch|section|sec|chapter|ch|"
@@ -55,15 +62,19 @@ _NOT_IP_CONTEXT = re.compile(
 
 
 def _possible_phone(candidate: str) -> bool:
-    """An international number (``+`` country code …) with a real country code and a length its
-    numbering plan allows. Validity down to assigned ranges would miss new and fictional numbers."""
+    """An international number (``+`` country code …) that libphonenumber finds valid: an assigned
+    country code and a number in a range that country's plan assigns. Merely possible lengths let
+    years, dates and amounts after "+NN" through ("+46 2019 2020 2021"); numbers in unassigned or
+    fictional ranges identify no one."""
     import phonenumbers
 
-    digits = sum(ch.isdigit() for ch in candidate)
+    number = re.sub(r"[\u00a0\u202f\u2010-\u2015]", " ", candidate).strip("()")
+    number = number.replace("(+", "+").replace("(\uff0b", "+")
+    digits = sum(ch.isdigit() for ch in re.split(r"(?i)x|ext", number)[0])
     if not 8 <= digits <= 15:  # E.164 bounds, before parsing
         return False
     try:
-        return phonenumbers.is_possible_number(phonenumbers.parse(candidate, None))
+        return phonenumbers.is_valid_number(phonenumbers.parse(number, None))
     except phonenumbers.NumberParseException:
         return False
 
@@ -135,7 +146,7 @@ class PiiFilter(Filter):
                 return p.phone_placeholder
 
             text = _NANP.sub(phone, text)
-            if "+" in text:
+            if "+" in text or "\uff0b" in text:
 
                 def intl(m: re.Match[str]) -> str:
                     if not _possible_phone(m.group(0)):
