@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from llmctl.chat import ChatTokens
 from llmctl.eval.judge import _cut_both, lc_win_rate, length_controlled
 from llmctl.eval.tasks import load_task
 
@@ -67,11 +68,14 @@ def test_judge_items_and_bad_records(tmp_path):
 
 
 def test_a_reward_judge_scores_both_answers_after_the_same_context():
-    prompt = list(range(100, 130))  # a long instruction both conversations share
-    a, b = prompt + [1, 2, 3], prompt + [7, 8, 9, 10, 11]
+    def conv(reply: list[int]) -> ChatTokens:
+        prompt = list(range(100, 130))  # a long instruction both conversations share
+        return ChatTokens(prompt + reply, [False] * len(prompt) + [True] * len(reply))
+
+    a, b = conv([1, 2, 3]), conv([7, 8, 9, 10, 11])
     ca, cb = _cut_both(a, b, 20)
-    assert len(cb) == 20 and ca == a[15:] and cb == b[15:]  # the longer one's excess, from both starts
-    assert _cut_both(a, b, 40) == (a, b)
+    assert len(cb) == 20 and ca == a.ids[15:] and cb == b.ids[15:]  # the longer one's excess, from both starts
+    assert _cut_both(a, b, 40) == (a.ids, b.ids)
     # a reply that alone overflows the context: each side keeps its own end (the reply is read at its EOS)
-    long = prompt + list(range(60))
-    assert _cut_both(a, long, 40) == (a[-40:], long[-40:])
+    long = conv(list(range(60)))
+    assert _cut_both(a, long, 40) == (a.ids[-40:], long.ids[-40:])

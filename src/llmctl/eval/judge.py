@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..chat import ChatFormat, chat_format, encode_chats
+from ..chat import BadRecord, ChatFormat, ChatTokens, chat_format, encode_chats
 from ..errors import UsageError
 from ..model.generate import SamplingParams, encode_prompt, generate
 
@@ -82,17 +82,17 @@ def _fit_texts(tok, texts: Sequence[str], budget: int) -> list[str]:
     return [t if len(x) <= cap else tok.decode(x[: max(cap, 0)]) for t, x in zip(texts, ids, strict=True)]
 
 
-def _cut_both(a: list[int], b: list[int], ctx: int) -> tuple[list[int], list[int]]:
-    """Two conversations that share their instruction, each in at most ``ctx`` ids: the same number
-    of ids goes from the start of both (the longer one's excess), so both answers are scored after
-    the same context; only where that would cut into the shorter one's answer is each cut alone."""
-    cut = max(len(a), len(b)) - ctx
-    if cut <= 0:
-        return a, b
-    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    if cut <= shared:
-        return a[cut:], b[cut:]
-    return a[-ctx:], b[-ctx:]
+def _cut_both(a: ChatTokens, b: ChatTokens, ctx: int) -> tuple[list[int], list[int]]:
+    """Two conversations that share their instruction, each in at most ``ctx`` ids, cut as training
+    cuts a preference pair (``cut_pair``: the same prompt ids from both, so both answers follow the
+    same context); where one reply alone overflows the context, each keeps its own end."""
+    from ..train.preference import cut_pair
+
+    try:
+        ca, cb, _ = cut_pair(a, b, ctx)
+        return ca.ids, cb.ids
+    except BadRecord:
+        return a.ids[-ctx:], b.ids[-ctx:]
 
 
 def reward_judge(run: Path, device: torch.device, truncate: str = "left") -> Judge:
@@ -108,13 +108,10 @@ def reward_judge(run: Path, device: torch.device, truncate: str = "left") -> Jud
 
     def prefer(pairs: list[tuple[str, str, str]]) -> list[tuple[float | None, bool]]:
         convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a or " "}] for q, x, y in pairs for a in (x, y)]
-        seqs = []
-        for ct in encode_chats(tok, convs):
-            ids = getattr(ct, "ids", None)
-            if ids is None:
-                raise UsageError("the reward judge's tokenizer cannot encode an answer in its chat format")
-            seqs.append(ids)
-        cut = [len(seqs[2 * k]) > ctx or len(seqs[2 * k + 1]) > ctx for k in range(len(pairs))]
+        seqs = encode_chats(tok, convs)
+        if any(isinstance(ct, BadRecord) for ct in seqs):
+            raise UsageError("the reward judge's tokenizer cannot encode an answer in its chat format")
+        cut = [len(seqs[2 * k].ids) > ctx or len(seqs[2 * k + 1].ids) > ctx for k in range(len(pairs))]
         keep = [k for k in range(len(pairs)) if truncate == "left" or not cut[k]]
         r = score_sequences(rm, head, [s for k in keep for s in _cut_both(seqs[2 * k], seqs[2 * k + 1], ctx)],
                             tok.pad_id) if keep else []
