@@ -9,6 +9,7 @@ those variables everything runs in one process and these helpers are no-ops.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group. On the way out of a finished stage (no exception in flight)
+        every rank first waits for the others, so no rank tears its group down while another still
+        publishes or has collective work in flight: a non-zero rank that returned early once died
+        there with "terminate called without an active exception". After an error, no waiting
+        (torchrun stops the other ranks)."""
         if self.initialized_here and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
     def __enter__(self) -> DistContext:
