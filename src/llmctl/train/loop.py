@@ -414,12 +414,7 @@ class Trainer:
             return self.model.state_dict() if self.dist.is_main else {}
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(self.model, options=_full_state_options())
-        # the ranks leave the gathers together: the others return and tear down the process group
-        # next, which must not happen under collective work rank 0 still has in flight (a rank 1
-        # once died there with "terminate called without an active exception" on a loaded machine)
-        self.dist.barrier()
-        return state
+        return get_model_state_dict(self.model, options=_full_state_options())
 
     def save(self) -> Path | None:
         rngs = self._rng_states()
