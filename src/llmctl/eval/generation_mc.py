@@ -53,10 +53,6 @@ def encode(tok, prompt: str, add_bos: bool, chat: ChatFormat | None = None) -> l
     return chat.prompt(prompt) if chat is not None else encode_prompt(tok, prompt, add_bos)
 
 
-def fits(model: Transformer, ids: list[int], max_new_tokens: int) -> bool:
-    return len(ids) + max_new_tokens <= model.cfg.max_seq_len
-
-
 def select_by_generation(
     model: Transformer, tok, prompts: list[list[int]], n_choices: list[int], max_new_tokens: int = 4,
     batch_size: int = 16, chat: ChatFormat | None = None,

@@ -266,15 +266,14 @@ def _run_mc(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None) ->
                 req_rows.append((i, len(fitted)))
         if gen:
             ids = generation_mc.encode(tok, generation_mc.build_prompt(it, shots), cfg.bos, chat)
-            room = ctx_len - cfg.max_new_tokens
-            if len(ids) > room and cfg.truncate == "left" and room >= 1:
-                ids = ids[-room:]  # the harness's generate_until keeps the prompt's end
-                row["truncated_generation"] = True
-            if generation_mc.fits(model, ids, cfg.max_new_tokens):
-                prompts.append(ids)
-                prompt_rows.append(i)
-            else:
+            fitted_ids, cut = _fit_prompt(cfg, ids, ctx_len - cfg.max_new_tokens)
+            if fitted_ids is None:
                 row["skip_generation"] = "longer_than_context"
+            else:
+                if cut:
+                    row["truncated_generation"] = True
+                prompts.append(fitted_ids)
+                prompt_rows.append(i)
     if like:
         scores = _joined(_score(cfg, model, r, reqs, "likelihood"), [n for _, n in req_rows])
         acc, acc_norm = [], []
@@ -331,6 +330,17 @@ def _joined(scores: list[list[Any]], parts: list[int]) -> list[list[Any]]:
         out.append([s for sc in scores[pos : pos + n] for s in sc])
         pos += n
     return out
+
+
+def _fit_prompt(cfg: EvalConfig, ids: list[int], room: int) -> tuple[list[int] | None, bool]:
+    """A generation prompt in the ``room`` its context leaves beside the tokens to generate:
+    (ids, whether cut). Too long, it keeps its end with ``--truncate left`` (as the harness's
+    generate_until does); else, or when no room is left at all, (None, False): skip the item."""
+    if len(ids) <= room:
+        return ids, False
+    if cfg.truncate == "left" and room >= 1:
+        return ids[-room:], True
+    return None, False
 
 
 def _skips(task: Task, rows: list[dict[str, Any]], key: str) -> None:
@@ -420,17 +430,14 @@ def _run_judge(cfg: EvalConfig, model, tok, r: TaskRun, chat: ChatFormat | None)
     else:
         jm, jt = (model, tok) if jpath.resolve() == Path(cfg.model).resolve() else load_any(jpath, device)
         prefer = judge.lm_judge(jm, jt, jpath, cfg.truncate)
-    # the answers' prompts must leave room for --reply-tokens: cut from the left like generation
-    # multiple choice (--truncate left), or the item is skipped
-    room = model.cfg.max_seq_len - cfg.reply_tokens
+    # the answers' prompts must leave room for --reply-tokens, as generation multiple choice's do
     prompts, answered, cut = [], [], set()
     for i, it in enumerate(items):
-        ids = judge.answer_prompt(tok, it, chat, cfg.bos)
-        if len(ids) > room:
-            if cfg.truncate != "left" or room < 1:
-                r.task.skip("answer:longer_than_context")
-                continue
-            ids = ids[-room:]
+        ids, was_cut = _fit_prompt(cfg, judge.answer_prompt(tok, it, chat, cfg.bos), model.cfg.max_seq_len - cfg.reply_tokens)
+        if ids is None:
+            r.task.skip("answer:longer_than_context")
+            continue
+        if was_cut:
             cut.add(i)
         prompts.append(ids)
         answered.append(i)

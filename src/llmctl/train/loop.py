@@ -631,6 +631,7 @@ class Trainer:
                 self._warn_warmup(math.ceil(cfg.max_tokens / max(tokens, 1)))
             stop = self._stop_reason()
             do_eval = cfg.eval_every and self.step % cfg.eval_every == 0 and stop is None
+            do_save = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None
             rec: dict[str, Any] | None = None
             if self.step % max(cfg.log_every, 1) == 0 or self.step == 1 or stop or do_eval:
                 tps = window_tokens / window_time if window_time > 0 else 0.0
@@ -659,11 +660,11 @@ class Trainer:
                         f"{self.title} step {self.step:,} tokens {self.tokens:,} loss {rec['loss']:.4f} lr {lr:.2e} "
                         f"gnorm {rec['grad_norm']:.3f} {rec['tokens_per_s']:,.0f} tok/s{mfu_s}{val}"
                     )
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None:
+            if do_save:
                 t_ck = time.perf_counter()
                 self.save()
                 self.elapsed += time.perf_counter() - t_ck
-            if do_eval or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and stop is None):
+            if do_eval or do_save:  # their time joined the clock on each rank: share it again
                 self._sync_clock()
         final_val = self.evaluate(full=True)
         if final_val:

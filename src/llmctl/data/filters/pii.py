@@ -61,7 +61,7 @@ _NOT_IP_CONTEXT = re.compile(
 )
 
 
-def _possible_phone(candidate: str) -> bool:
+def _valid_phone(candidate: str) -> bool:
     """An international number (``+`` country code …) that libphonenumber finds valid: an assigned
     country code and a number in a range that country's plan assigns. Merely possible lengths let
     years, dates and amounts after "+NN" through ("+46 2019 2020 2021"); numbers in unassigned or
@@ -149,7 +149,7 @@ class PiiFilter(Filter):
             if "+" in text or "\uff0b" in text:
 
                 def intl(m: re.Match[str]) -> str:
-                    if not _possible_phone(m.group(0)):
+                    if not _valid_phone(m.group(0)):
                         return m.group(0)
                     c["phone"] += 1
                     return p.phone_placeholder
