@@ -92,3 +92,35 @@ def test_bad_shapes_are_usage_errors():
         ModelConfig(d_model=30, n_head=4)
     with pytest.raises(UsageError, match="preset"):
         from_preset("huge")
+
+
+@pytest.mark.parametrize(
+    ("seq", "grad", "expect"),
+    [(16, True, torch.float32), (16, False, torch.bfloat16), (300, True, torch.bfloat16)],
+)
+def test_cpu_bf16_training_attends_in_fp32_at_short_contexts(monkeypatch, seq, grad, expect):
+    """Under CPU bf16 autocast, training at contexts up to CPU_FP32_ATTENTION_MAX_LEN runs attention in
+    fp32 (torch's bf16 CPU flash-attention backward is several times slower there); inference and
+    long contexts keep the bf16 kernel. Either way the block's output stays bf16 and gradients flow."""
+    from llmctl.model import transformer
+
+    assert transformer.CPU_FP32_ATTENTION_MAX_LEN < 300
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=300))
+    idx = torch.randint(0, 97, (2, seq))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+        logits = m(idx)
+    assert seen == [(expect,) * 3] * 2  # both layers
+    assert logits.dtype == torch.bfloat16
+    if grad:
+        lm_loss(logits[:, :-1], idx[:, 1:]).backward()
+        g = m.layers[0].self_attn.q_proj.weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0

@@ -100,7 +100,9 @@ def test_batched_starts_are_independent_and_match_scipy():
     starts = scaling.grid_starts()[[17, 1210, 2333, 3999]]
     batch = scaling.batched_lbfgs(starts, logN, logD, logL)
     alone = scaling.batched_lbfgs(starts[2:3], logN, logD, logL)
-    np.testing.assert_allclose(alone.x[0], batch.x[2], rtol=1e-7)  # no coupling (only rounding)
+    # no coupling, only rounding (numpy's SIMD reductions round differently with the batch size: 2e-7
+    # relative on an AVX-512 CPU); a coupled row would move by far more
+    np.testing.assert_allclose(alone.x[0], batch.x[2], rtol=1e-6)
     for i, x0 in enumerate(starts):
         ref = minimize(lambda t: scaling.huber_objective(t[None], logN, logD, logL)[0][0], x0,
                        jac=lambda t: scaling.huber_objective(t[None], logN, logD, logL)[1][0],
