@@ -19,10 +19,16 @@
     trainer with nanoGPT's dims, batch and context (SwiGLU width parameter-matched to its MLP;
     eager, and with ``--shape-compile`` compiled, and with ``--shape-ddp`` as ``torchrun`` data
     parallelism with one single-threaded process per core), and reports both models' FLOPs/token
-    and MFU by one formula against this CPU's measured fp32 peak.
+    and MFU by one formula against this CPU's measured fp32 peak. Ours runs at ``--precision``
+    (default auto: bf16 autocast where this CPU's bf16 matmuls are ≥ 1.5× its fp32 ones, i.e.
+    AVX-512-BF16 or AMX, else fp32); nanoGPT always trains in fp32 on a CPU (its autocast context
+    is CUDA-only). Each run's manifest records the precision it used.
 
 nanoGPT must be checked out (outside the repo) with its shakespeare_char data prepared:
-``--nanogpt /work/peers/nanoGPT``. Nothing of it is imported into llmctl.
+``--nanogpt /work/peers/nanoGPT``. Nothing of it is imported into llmctl. Its prepare.py downloads
+input.txt only when absent, so on a machine without internet copy
+../shared/data/corpora/tinyshakespeare.txt to data/shakespeare_char/input.txt first (prepare.py
+still imports ``requests``: install it in the interpreter that runs prepare.py).
 
 Example:
     .venv/bin/python scripts/bench_pretrain.py --part all --json /tmp/bench_pretrain.json
@@ -91,6 +97,8 @@ def part_shapes(tokens: Path, work: Path, steps: int, bf16_steps: int) -> list[d
     from llmctl.train.precision import cpu_peak
 
     slow_bf16 = cpu_peak("bf16") < cpu_peak("fp32")
+    if bf16_steps is None:  # emulated bf16 (AVX2) runs ~20x slower per step: a few steps show it
+        bf16_steps = 3 if slow_bf16 else steps
     rows = []
     for si, (name, dims) in enumerate(SHAPES):
         for precision in ("fp32", "bf16"):
@@ -256,7 +264,9 @@ def part_side(args, work: Path) -> dict:
         s2 = run_stats(shape)
         shape_runs["compiled" if comp else "eager"] = {
             "command": "llmctl " + " ".join(map(str, shape_args)), "tokens_per_s": s2["tokens_per_s"],
-            "mfu": s2["mfu"], "wall_s": round(wall, 1), "vocab": args.vocab, "load_avg_after": load_avg()}
+            "precision": s2.get("precision"), "mfu_at_its_precision": s2["mfu"],
+            "mfu_same_formula": round(s2["tokens_per_s"] * ours_fpt / peak, 4),
+            "wall_s": round(wall, 1), "vocab": args.vocab, "load_avg_after": load_avg()}
         print("ours at nanoGPT shape:", json.dumps(shape_runs), flush=True)
     if args.shape_ddp and args.threads > 1:
         # the same global batch (12 windows of 64) as data parallelism over the cores: `torchrun` with
@@ -274,7 +284,8 @@ def part_side(args, work: Path) -> dict:
         s3 = run_stats(shape)
         shape_runs[f"ddp_{n}x1"] = {
             "command": f"OMP_NUM_THREADS=1 torchrun --nproc-per-node {n} -m llmctl " + " ".join(map(str, ddp_args)),
-            "tokens_per_s": s3["tokens_per_s"], "mfu": s3["mfu"], "wall_s": round(wall, 1), "vocab": args.vocab,
+            "tokens_per_s": s3["tokens_per_s"], "precision": s3.get("precision"), "mfu_at_its_precision": s3["mfu"],
+            "mfu_same_formula": round(s3["tokens_per_s"] * ours_fpt / peak, 4), "wall_s": round(wall, 1), "vocab": args.vocab,
             "load_avg_after": load_avg()}
         print("ours at nanoGPT shape:", json.dumps(shape_runs), flush=True)
     res["ours_at_nanogpt_shape"] = shape_runs
@@ -317,8 +328,9 @@ def main() -> None:
     ap.add_argument("--shape-ffn", type=int, default=344, help="SwiGLU width at nanoGPT's shape (344 ≈ 8/3·128: its MLP's parameters)")
     ap.add_argument("--shape-ddp", action="store_true", help="also measure the exact shape as torchrun data parallelism, one process per thread")
     ap.add_argument("--shape-compile", action="store_true", help="measure the exact-shape speed eager AND compiled")
-    ap.add_argument("--shape-max-steps", type=int, default=12)
-    ap.add_argument("--shape-bf16-steps", type=int, default=3)
+    ap.add_argument("--shape-max-steps", type=int, default=40)
+    ap.add_argument("--shape-bf16-steps", type=int, default=None,
+                    help="steps of the bf16 shape runs (default: as fp32, or 3 where bf16 is emulated and slow)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
