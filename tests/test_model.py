@@ -124,3 +124,27 @@ def test_cpu_bf16_training_attends_in_fp32_at_short_contexts(monkeypatch, seq, g
         lm_loss(logits[:, :-1], idx[:, 1:]).backward()
         g = m.layers[0].self_attn.q_proj.weight.grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_cpu_bf16_training_with_a_mask_also_attends_in_fp32(monkeypatch):
+    """sft's packed batches pass a block-diagonal mask: the same rule holds on that path."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    m = _model()
+    idx = torch.randint(0, 97, (2, 12))
+    seg = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril())[:, None]
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None].expand(2, -1).clone()
+    pos[1] = torch.arange(12)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = m(idx, position_ids=pos, attn_mask=mask)
+    assert seen == [(torch.float32, True)] * 2
+    with torch.no_grad():
+        ref = m(idx, position_ids=pos, attn_mask=mask)  # fp32 model: the bf16 run stays close
+    assert (logits.float() - ref).abs().max() < 0.1

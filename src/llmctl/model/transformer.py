@@ -93,14 +93,15 @@ CPU_FP32_ATTENTION_MAX_LEN = 256
 
 
 def _fp32_attention(q: torch.Tensor) -> bool:
-    """Whether causal attention over ``q`` should run in fp32 although autocast made it 16-bit.
+    """Whether attention over ``q`` should run in fp32 although autocast made it 16-bit.
 
     torch's CPU flash-attention backward in bf16 is 2.5-4x slower than in fp32 at short contexts
-    (measured with torch 2.13 on an AVX-512-BF16 CPU, fwd+bwd of [12, 4, 64, 32]: 4.0 ms vs 1.1 ms;
-    at 128: 5.9 vs 2.3 ms; at 256: 10.4 vs 7.8 ms), while from 512 on bf16 is as fast or faster (at
-    1024: 92 vs 116 ms). So CPU training at contexts up to ``CPU_FP32_ATTENTION_MAX_LEN`` computes
-    attention in fp32 (the upcast costs less than the slow kernel; it is also the more precise
-    choice). Inference and CUDA keep the 16-bit kernels, which are not slower there.
+    (torch 2.13 on an AVX-512-BF16 CPU, fwd+bwd of [12, 4, 64, 32]: 4.0 vs 1.1 ms; at 128: 5.9 vs
+    2.3 ms; at 256: 10.4 vs 7.8 ms; the same with sft's packing masks), while from 512 on bf16 is as
+    fast or faster (at 1024: 92 vs 116 ms). So CPU training at contexts up to
+    ``CPU_FP32_ATTENTION_MAX_LEN`` attends in fp32: the upcast costs less than the slow kernel, and
+    fp32 is the more precise choice anyway. Inference and CUDA keep the 16-bit kernels, which are
+    not slower there.
     """
     return (
         q.device.type == "cpu"
@@ -108,6 +109,14 @@ def _fp32_attention(q: torch.Tensor) -> bool:
         and q.shape[-2] <= CPU_FP32_ATTENTION_MAX_LEN
         and torch.is_grad_enabled()
     )
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, in fp32 where :func:`_fp32_attention` says so."""
+    if _fp32_attention(q):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 class Attention(nn.Module):
@@ -147,19 +156,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
         gqa = cfg.n_kv_head != cfg.n_head
-        if attn_mask is None and k.shape[2] == T and _fp32_attention(q):
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa)
-            y = y.to(q.dtype)
-        elif attn_mask is None and k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if attn_mask is None and k.shape[2] == T:
+            y = _attend(q, k, v, is_causal=True, enable_gqa=gqa)
         elif attn_mask is None and T == 1:  # one new token attends to every cached key: no mask
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            y = _attend(q, k, v, enable_gqa=gqa)
         else:
             if attn_mask is None:  # decoding with a cache: queries sit at the end of the keys
                 S = k.shape[2]
                 attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = _attend(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
