@@ -51,7 +51,8 @@ def torchrun_llmctl(*args: str | os.PathLike, nproc: int = 2, timeout: float = 3
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200"}
+    # PYTHONFAULTHANDLER: a rank that dies by a signal (a C++ abort at teardown) prints its Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_PROGRESS": "0", "COLUMNS": "200", "PYTHONFAULTHANDLER": "1"}
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
          "-m", "llmctl", *map(str, args)],

@@ -130,7 +130,9 @@ def test_pretrain_run_layout_stats_and_noop_rerun(data, tmp_path):
 
 
 def test_kill_9_then_rerun_gives_the_same_loss_curve(data, tmp_path):
-    common = ["pretrain", data["tokens"], *TINY, "--max-steps", "20", "--log-every", "1", "--checkpoint-every", "3"]
+    # 120 steps of a few ms each: long enough that a signal sent on seeing a checkpoint lands mid-run
+    # (at 20 steps a fast host ran from the step-3 checkpoint to the end between two polls)
+    common = ["pretrain", data["tokens"], *TINY, "--max-steps", "120", "--log-every", "1", "--checkpoint-every", "3"]
     ref = tmp_path / "ref"
     r = run_llmctl(*common, "--out", ref, env=ENV)
     assert r.code == 0, r.err
@@ -139,38 +141,50 @@ def test_kill_9_then_rerun_gives_the_same_loss_curve(data, tmp_path):
     work = tmp_path / ".run.tmp-pretrain"
     env = {**os.environ, **ENV}
 
-    def start_and_signal(at_step: int, sig: int) -> subprocess.Popen:
+    def checkpoints() -> list[int]:
+        root = work / "checkpoints"
+        return sorted(int(d.name.split("-")[1]) for d in root.glob("step-*") if d.is_dir()) if root.is_dir() else []
+
+    def start_and_signal(after_step: int, sig: int) -> subprocess.Popen:
+        """Start the run; send ``sig`` as soon as a checkpoint past ``after_step`` exists."""
+        # SIGINT at its default disposition in the child: under a non-interactive shell's `&` (a CI
+        # runner's background job) it is inherited ignored, and Python then never raises KeyboardInterrupt
         p = subprocess.Popen([sys.executable, "-m", "llmctl", *map(str, common), "--out", str(run)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
-            if (work / "checkpoints" / f"step-{at_step:07d}").is_dir():
+            if any(c > after_step for c in checkpoints()):
                 break
-            time.sleep(0.05)
-        assert p.poll() is None, "the run finished before it could be stopped"
+            time.sleep(0.005)
+        assert p.poll() is None, f"the run finished before it could be stopped: {p.stderr.read()[-2000:]}"
         p.send_signal(sig)
         p.wait(timeout=60)
         return p
 
     # Ctrl-C: exit status 130 (a shell chain stops), one line, the checkpoints kept
-    p = start_and_signal(3, signal.SIGINT)
+    p = start_and_signal(0, signal.SIGINT)
     err = p.stderr.read()
-    assert p.returncode == 130 and "interrupted: rerun the same command to resume" in err and "Traceback" not in err
-    assert not run.exists() and (work / "checkpoints" / "step-0000003").is_dir()
-    # then kill -9 of the resumed run
-    p = start_and_signal(6, signal.SIGKILL)
+    assert p.returncode == 130 and "interrupted: rerun the same command to resume" in err and "Traceback" not in err, err
+    assert not run.exists() and checkpoints(), checkpoints()
+    first = checkpoints()[-1]
+    assert first < 120
+    # then kill -9 of the resumed run, once it has saved a later checkpoint
+    p = start_and_signal(first, signal.SIGKILL)
     assert p.returncode == -signal.SIGKILL
     assert not run.exists() and work.is_dir()
+    second = checkpoints()[-1]
+    assert first < second < 120
 
     r = run_llmctl(*common, "--out", run, env=ENV)
     assert r.code == 0, r.err
     assert "resumed from checkpoint step" in r.err
     a, b = _losses(ref), _losses(run)
-    assert sorted(a) == list(range(1, 21)) and sorted(b) == sorted(a)
+    assert sorted(a) == list(range(1, 121)) and sorted(b) == sorted(a)
     assert a == b  # bit-for-bit the same curve
     ma = json.loads((ref / "manifest.json").read_text())["stats"]
     mb = json.loads((run / "manifest.json").read_text())["stats"]
-    assert ma["final_val_loss"] == mb["final_val_loss"] and mb["resumed_from_step"] >= 6
+    assert ma["final_val_loss"] == mb["final_val_loss"] and mb["resumed_from_step"] >= second
 
 
 def _cfg(tokens: Path, out: Path, **kw):
@@ -283,7 +297,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_after_kill_9(data, tmp_path
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not (work / "checkpoints" / "step-0000003").is_dir():
-        time.sleep(0.02)
+        time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
     # the launcher and both ranks (torchrun starts its workers in sessions of their own)
     subprocess.run(["pkill", "-KILL", "-f", str(killed)], check=False)
