@@ -97,8 +97,8 @@ def _fp32_attention(q: torch.Tensor) -> bool:
 
     torch's CPU flash-attention backward in bf16 is 2.5-4x slower than in fp32 at short contexts
     (torch 2.13 on an AVX-512-BF16 CPU, fwd+bwd of [12, 4, 64, 32]: 4.0 vs 1.1 ms; at 128: 5.9 vs
-    2.3 ms; at 256: 10.4 vs 7.8 ms; the same with sft's packing masks), while from 512 on bf16 is as
-    fast or faster (at 1024: 92 vs 116 ms). So CPU training at contexts up to
+    2.3 ms; at 256: 10.4 vs 7.8 ms; the same with sft's packing masks; fp16 is worse still: 8.3 vs
+    1.8 ms at 64), while from 512 on bf16 is as fast or faster (at 1024: 92 vs 116 ms). So CPU training at contexts up to
     ``CPU_FP32_ATTENTION_MAX_LEN`` attends in fp32: the upcast costs less than the slow kernel, and
     fp32 is the more precise choice anyway. Inference and CUDA keep the 16-bit kernels, which are
     not slower there.
