@@ -94,31 +94,37 @@ def test_bad_shapes_are_usage_errors():
         from_preset("huge")
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[tuple[torch.dtype, torch.dtype, torch.dtype, bool]]:
+    """(q, k, v dtypes, whether a mask was given) of every scaled_dot_product_attention call."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.dtype, k.dtype, v.dtype, kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize(
     ("seq", "grad", "expect"),
     [(16, True, torch.float32), (16, False, torch.bfloat16), (300, True, torch.bfloat16)],
 )
-def test_cpu_bf16_training_attends_in_fp32_at_short_contexts(monkeypatch, seq, grad, expect):
+def test_cpu_bf16_training_attends_in_fp32_at_short_contexts(sdpa_calls, seq, grad, expect):
     """Under CPU bf16 autocast, training at contexts up to CPU_FP32_ATTENTION_MAX_LEN runs attention in
     fp32 (torch's bf16 CPU flash-attention backward is several times slower there); inference and
     long contexts keep the bf16 kernel. Either way the block's output stays bf16 and gradients flow."""
     from llmctl.model import transformer
 
     assert transformer.CPU_FP32_ATTENTION_MAX_LEN < 300
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=300))
     idx = torch.randint(0, 97, (2, seq))
     with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
         logits = m(idx)
-    assert seen == [(expect,) * 3] * 2  # both layers
+    assert [c[:3] for c in sdpa_calls] == [(expect,) * 3] * 2  # both layers
     assert logits.dtype == torch.bfloat16
     if grad:
         lm_loss(logits[:, :-1], idx[:, 1:]).backward()
@@ -126,16 +132,8 @@ def test_cpu_bf16_training_attends_in_fp32_at_short_contexts(monkeypatch, seq, g
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_cpu_bf16_training_with_a_mask_also_attends_in_fp32(monkeypatch):
+def test_cpu_bf16_training_with_a_mask_also_attends_in_fp32(sdpa_calls):
     """sft's packed batches pass a block-diagonal mask: the same rule holds on that path."""
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        seen.append((q.dtype, kw.get("attn_mask") is not None))
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     m = _model()
     idx = torch.randint(0, 97, (2, 12))
     seg = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
@@ -144,7 +142,7 @@ def test_cpu_bf16_training_with_a_mask_also_attends_in_fp32(monkeypatch):
     pos[1] = torch.arange(12)
     with torch.autocast("cpu", torch.bfloat16):
         logits = m(idx, position_ids=pos, attn_mask=mask)
-    assert seen == [(torch.float32, True)] * 2
+    assert [(c[0], c[3]) for c in sdpa_calls] == [(torch.float32, True)] * 2
     with torch.no_grad():
         ref = m(idx, position_ids=pos, attn_mask=mask)  # fp32 model: the bf16 run stays close
     assert (logits.float() - ref).abs().max() < 0.1

@@ -380,8 +380,12 @@ def batched_lbfgs(
     return LbfgsResult(x=x, f=f, iterations=it, converged=converged, evaluations=evals)
 
 
+#: the largest log a float64 can exponentiate (e^709.78 is its maximum)
+_LOG_MAX = 709.0
+
+
 def _exp(x: float) -> float:
-    return math.exp(x) if x < 709.0 else math.inf  # beyond float range: a degenerate fit, not a crash
+    return math.exp(x) if x < _LOG_MAX else math.inf  # beyond float range: a degenerate fit, not a crash
 
 
 def to_natural(theta: np.ndarray) -> dict[str, float]:
@@ -646,7 +650,7 @@ def analyse(points: Points, cfg: FitConfig) -> dict[str, Any]:
     boots = bootstrap(points, fit, cfg.bootstrap, cfg.seed, cfg.bootstrap_starts, cfg.huber_delta, cfg.max_iter)
     t_boot = time.perf_counter() - t0 - t_fit
     # a resample whose coefficients leave the float range (A = e^800, say) is a failed fit
-    ok = np.isfinite(boots).all(axis=1) & (boots[:, :3] < 709.0).all(axis=1)
+    ok = np.isfinite(boots).all(axis=1) & (boots[:, :3] < _LOG_MAX).all(axis=1)
     boot_params = [to_natural(th) for th in boots[ok]]
 
     def with_ci(value: float, samples: list[float]) -> dict[str, Any]:

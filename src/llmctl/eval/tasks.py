@@ -11,7 +11,6 @@ reason; a file that yields no usable item at all is a usage error.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import string
 import tomllib
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..jsonl import json_lines, open_binary
 
 LETTERS = string.ascii_uppercase
 KINDS = ("mmlu", "piqa", "lambada", "ppl", "jsonl", "judge")
@@ -111,20 +111,9 @@ def _read_jsonl(path: Path, task: Task) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of each usable line of a JSON Lines file (.gz too); a line that is
     not UTF-8, not JSON or not an object is counted in the task's skips, not fatal."""
     rows = []
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8-sig"))  # "-sig": a byte-order mark is no part of the first line
-                except UnicodeDecodeError:
-                    task.skip("not_utf8")
-                    continue
-                except ValueError:
-                    task.skip("bad_json")
-                    continue
+        with open_binary(path) as f:
+            for n, obj in json_lines(f, task.skip):
                 if not isinstance(obj, dict):
                     task.skip("not_an_object")
                     continue

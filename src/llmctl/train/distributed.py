@@ -50,9 +50,9 @@ class DistContext:
     def close(self) -> None:
         """Leave the process group. On the way out of a finished stage (no exception in flight)
         every rank first waits for the others, so no rank tears its group down while another still
-        publishes or has collective work in flight: a non-zero rank that returned early once died
-        there with "terminate called without an active exception". After an error, no waiting
-        (torchrun stops the other ranks)."""
+        publishes or has collective work in flight. After an error, no waiting (torchrun stops the
+        other ranks). The process then skips the interpreter's teardown, where a rank intermittently
+        aborted even after this barrier: see ``cli._leave_if_torchrun_rank``."""
         if self.initialized_here and dist.is_initialized():
             if sys.exc_info()[0] is None:
                 dist.barrier()

@@ -4,7 +4,6 @@ load the base run, open the output run on rank 0 and share it with the other ran
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from ..artifacts import (
 )
 from ..console import console
 from ..errors import UsageError
+from ..jsonl import json_lines, open_binary
 from ..model.config import ModelConfig
 from ..model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_run_config, save_state
 from ..model.transformer import Transformer
@@ -135,9 +135,8 @@ def read_records(path: Path, bad: dict[str, int]) -> list[Any]:
     name = path.name.lower().removesuffix(".gz")
     if not name.endswith((".json", ".jsonl", ".ndjson")):
         raise UsageError(f"{path}: unknown data file type; pass .json (an array) or .jsonl files")
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with open_binary(path) as f:
             if name.endswith(".json"):
                 try:
                     data = json.loads(f.read())
@@ -146,17 +145,7 @@ def read_records(path: Path, bad: dict[str, int]) -> list[Any]:
                 if not isinstance(data, list):
                     raise UsageError(f"{path}: a .json data file must hold one array of examples")
                 return data
-            records = []
-            for raw in f:
-                if not raw.strip():
-                    continue
-                try:
-                    records.append(json.loads(raw.decode("utf-8-sig")))  # "-sig": a byte-order mark is no part of the first line
-                except UnicodeDecodeError:
-                    count(bad, "not_utf8")
-                except ValueError:
-                    count(bad, "bad_json")
-            return records
+            return [rec for _, rec in json_lines(f, lambda reason: count(bad, reason))]
     except (OSError, EOFError) as e:
         raise UsageError(f"{path}: unreadable ({e}); check the file") from e
 

@@ -68,7 +68,7 @@ def _valid_phone(candidate: str) -> bool:
     fictional ranges identify no one."""
     import phonenumbers
 
-    number = re.sub(r"[\u00a0\u202f\u2010-\u2015]", " ", candidate).strip("()")
+    number = re.sub(_SEP, " ", candidate).strip("()")  # libphonenumber reads plain spaces
     number = number.replace("(+", "+").replace("(\uff0b", "+")
     digits = sum(ch.isdigit() for ch in re.split(r"(?i)x|ext", number)[0])
     if not 8 <= digits <= 15:  # E.164 bounds, before parsing
